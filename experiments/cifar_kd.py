@@ -1,0 +1,697 @@
+"""Train a teacher, a baseline student and distilled students on CIFAR; print the table.
+
+    python experiments/cifar_kd.py                       # CIFAR-10, resnet56 -> resnet20, KD
+    python experiments/cifar_kd.py --preset smoke --data-dir ../shared/tfds
+    python experiments/cifar_kd.py --method none,kd,dkd,dist --seeds 3
+
+Phases: (1) the teacher, trained from labels (or loaded with ``--teacher-checkpoint``);
+(2) the students: the baseline (``none``) and every distilled method, ``--seeds`` seeds
+each, trained K at a time in one compiled step that runs the teacher once per batch.
+Every phase checkpoints under ``--workdir``; rerunning the same command resumes and skips
+finished phases, and a finished run prints its stored table at once.
+
+Outputs in the workdir: ``results.json``, ``results.md``, ``metrics.jsonl``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+# Runs from a checkout without installation too.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+METHOD_NAMES = ("none", "kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a run depends on. Presets (:data:`PRESETS`) override these defaults."""
+
+    dataset: str = "cifar10"
+    teacher: str = "resnet56"
+    student: str = "resnet20"
+    methods: tuple[str, ...] = ("kd",)
+    epochs: int = 240
+    teacher_epochs: int | None = None  # None: same as epochs
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    lr_batch_size: int = 64  # lr is the rate at this batch size; scaled linearly
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    warmup_epochs: float = 0.0
+    temperature: float | None = None  # None: each method's preset
+    alpha: float | None = None  # KD's weight of the distillation term
+    seed: int = 0
+    seeds: int = 1
+    train_subset: int | None = None  # total training images, class-balanced
+    test_subset: int | None = None
+    dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    max_parallel_students: int = 8
+    eval_batch_size: int = 500
+    log_every: int = 50
+
+    @property
+    def teacher_epochs_(self) -> int:
+        return self.epochs if self.teacher_epochs is None else self.teacher_epochs
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The CRD benchmark recipe (Tian et al. 2020) on CIFAR-10.
+    "default": {},
+    # All phases on 1,000 images with tiny models: under 3 minutes on a 2-core CPU.
+    "smoke": dict(teacher="resnet14", student="resnet8", methods=("kd",), epochs=2,
+                  teacher_epochs=3, batch_size=50, lr=0.1, lr_batch_size=128,
+                  schedule="cosine", train_subset=1000, test_subset=500, log_every=5,
+                  eval_batch_size=250),
+    # The blog post this project grew from, with its bugs fixed (see README).
+    "seed": dict(teacher="resnet18", student="resnet18", methods=("kd",), epochs=100,
+                 batch_size=128, optimizer="adam", lr=1e-3, lr_batch_size=128,
+                 weight_decay=0.0, schedule="constant", temperature=5.0, alpha=0.5),
+    # Issue #9's CPU protocol: full CIFAR-10, resnet20 -> resnet8, 8 epochs, 2 seeds.
+    "cifar10-cpu": dict(teacher="resnet20", student="resnet8", methods=("none", "kd"),
+                        epochs=8, batch_size=128, lr=0.1, lr_batch_size=128, nesterov=True,
+                        weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, seeds=2),
+}
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the environment; reported in one line."""
+
+
+# --------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
+    d = ExperimentConfig()
+    p = argparse.ArgumentParser(
+        prog="cifar_kd.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                   help="a named configuration; other flags override its values")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100"], default=None,
+                   help=f"dataset (default {d.dataset})")
+    p.add_argument("--data-dir", default=None,
+                   help="a prepared TFDS data directory (default: $TFDS_DATA_DIR, else "
+                        "~/tensorflow_datasets)")
+    p.add_argument("--workdir", default=None,
+                   help="where checkpoints and results go (default runs/<dataset>_<teacher>_"
+                        "<student>)")
+    p.add_argument("--teacher", default=None, help=f"teacher architecture (default {d.teacher})")
+    p.add_argument("--student", default=None, help=f"student architecture (default {d.student})")
+    p.add_argument("--method", default=None,
+                   help=f"comma list of {','.join(METHOD_NAMES)} (default {','.join(d.methods)}); "
+                        "'none' is the baseline student, always added")
+    p.add_argument("--epochs", type=int, default=None, help=f"student epochs (default {d.epochs})")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="teacher epochs (default: --epochs)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate at --lr-batch-size images, scaled linearly with the batch "
+                        f"size (default {d.lr} at {d.lr_batch_size})")
+    p.add_argument("--lr-batch-size", type=int, default=None,
+                   help=f"the batch size --lr refers to (default {d.lr_batch_size})")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
+                   help=f"optimiser (default {d.optimizer})")
+    p.add_argument("--schedule", choices=["step", "cosine", "onecycle", "constant"], default=None,
+                   help=f"learning-rate schedule (default {d.schedule}: x0.1 at 62.5%%, 75%%, "
+                        "87.5%% of the run)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=f"weight decay (default {d.weight_decay})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="distillation temperature (default: each method's, 4)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="KD: weight of the distillation term, CE gets 1-alpha (default 0.9)")
+    p.add_argument("--seed", type=int, default=None, help=f"base seed (default {d.seed})")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per method, reported as mean ± std (default {d.seeds})")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="use N training images, the first N/classes of each class "
+                        "(default: all)")
+    p.add_argument("--test-subset", type=int, default=None,
+                   help="evaluate on N test images, class-balanced (default: all)")
+    p.add_argument("--teacher-checkpoint", default=None,
+                   help="reuse a trained teacher: a teacher directory written by this script "
+                        "(<workdir>/teacher_*/final) or results/*/teacher")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--max-parallel-students", type=int, default=None,
+                   help=f"at most K students per compiled step (default {d.max_parallel_students})")
+    p.add_argument("--log-every", type=int, default=None,
+                   help=f"steps between logged metrics (default {d.log_every})")
+    p.add_argument("--coordinator-address", default=None,
+                   help="multi-host: host:port of process 0 (or $KD_JAX_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    values = dict(PRESETS[args.preset])
+    flag_to_field = {
+        "dataset": "dataset", "teacher": "teacher", "student": "student", "epochs": "epochs",
+        "teacher_epochs": "teacher_epochs", "batch_size": "batch_size", "lr": "lr",
+        "lr_batch_size": "lr_batch_size", "optimizer": "optimizer", "schedule": "schedule",
+        "weight_decay": "weight_decay", "temperature": "temperature", "alpha": "alpha",
+        "seed": "seed", "seeds": "seeds", "train_subset": "train_subset",
+        "test_subset": "test_subset", "dtype": "dtype",
+        "max_parallel_students": "max_parallel_students", "log_every": "log_every"}
+    for flag, field in flag_to_field.items():
+        if getattr(args, flag) is not None:
+            values[field] = getattr(args, flag)
+    if args.method is not None:
+        values["methods"] = tuple(m.strip() for m in args.method.split(",") if m.strip())
+    return ExperimentConfig(**values), args
+
+
+def validate(config: ExperimentConfig, args) -> None:
+    """Catches every mistake that can be caught before anything runs."""
+    from kd_jax import models
+    for role in ("teacher", "student"):
+        arch = getattr(config, role)
+        if arch not in models.available():
+            raise UsageError(f"unknown {role} architecture {arch!r}; choose from "
+                             f"{', '.join(models.available())}.")
+    unknown = [m for m in config.methods if m not in METHOD_NAMES]
+    if unknown or not config.methods:
+        raise UsageError(f"unknown method {', '.join(unknown) or '(empty)'}; --method takes a "
+                         f"comma list of {', '.join(METHOD_NAMES)}.")
+    for name in ("epochs", "batch_size", "seeds", "max_parallel_students", "log_every",
+                 "lr_batch_size"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got "
+                             f"{getattr(config, name)}.")
+    if config.teacher_epochs_ < 1:
+        raise UsageError(f"--teacher-epochs must be at least 1, got {config.teacher_epochs_}.")
+    if config.alpha is not None and not 0 <= config.alpha <= 1:
+        raise UsageError(f"--alpha must be in [0, 1], got {config.alpha}.")
+    if config.temperature is not None and config.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {config.temperature}.")
+
+
+def ensure_writable(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"workdir {path!r} is not writable ({err.strerror}); pass --workdir "
+                         "with a directory you can write to.") from err
+
+
+# ------------------------------------------------------------------- bookkeeping
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def teacher_key(c: ExperimentConfig) -> dict:
+    return dict(dataset=c.dataset, arch=c.teacher, epochs=c.teacher_epochs_,
+                batch_size=c.batch_size, optimizer=c.optimizer, lr=c.lr,
+                lr_batch_size=c.lr_batch_size, momentum=c.momentum, nesterov=c.nesterov,
+                weight_decay=c.weight_decay, schedule=c.schedule,
+                warmup_epochs=c.warmup_epochs, seed=c.seed, train_subset=c.train_subset,
+                test_subset=c.test_subset, dtype=c.dtype)
+
+
+def student_jobs(c: ExperimentConfig) -> list[tuple[str, int]]:
+    methods = list(dict.fromkeys(("none",) + tuple(c.methods)))  # baseline first, no repeats
+    return [(m, c.seed + s) for m in methods for s in range(c.seeds)]
+
+
+def split_passes(jobs: list, cap: int) -> list[list]:
+    """Splits the jobs into as few passes as ``cap`` allows, of near-equal sizes."""
+    n = math.ceil(len(jobs) / cap)
+    size = math.ceil(len(jobs) / n)
+    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+
+
+def student_objective(method: str, c: ExperimentConfig):
+    from kd_jax import objectives
+    over = {}
+    if c.temperature is not None and method in ("kd", "dkd", "dist"):
+        over["temperature"] = c.temperature
+    if c.alpha is not None and method == "kd":
+        over["alpha"] = c.alpha
+    if method == "dkd":
+        # mdistiller warms DKD up over 20 of 240 epochs; keep that share for shorter runs.
+        over["dkd_warmup_epochs"] = min(20.0, c.epochs / 12)
+    return objectives.from_method(method, **over)
+
+
+class Logger:
+    """metrics.jsonl and log.txt, written by process 0 only."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.log_path = os.path.join(workdir, "log.txt")
+
+    def metrics(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+        tqdm.write(text)
+        with open(self.log_path, "a") as f:
+            f.write(text + "\n")
+
+    def drop_after(self, phase: str, step: int) -> None:
+        """Forgets records of ``phase`` past ``step`` (written before an interruption)."""
+        if not self.enabled or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if not (rec.get("phase") == phase and rec.get("step", 0) > step):
+                keep.append(line)
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.metrics_path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------- phases
+
+class Run:
+    """One invocation: data, mesh and the phases."""
+
+    def __init__(self, config: ExperimentConfig, args):
+        import jax
+        import jax.numpy as jnp
+        from kd_jax import data, parallel
+        self.c = config
+        self.args = args
+        self.jax = jax
+        self.mesh = parallel.make_mesh()
+        self.devices = jax.device_count()
+        try:
+            parallel.check_batch_size(config.batch_size, self.mesh)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        platform = jax.devices()[0].platform
+        dtype = config.dtype if config.dtype != "auto" else (
+            "float32" if platform == "cpu" else "bfloat16")
+        self.dtype = jnp.dtype(dtype)
+        self.num_classes = data.num_classes(config.dataset)
+        self.workdir = args.workdir_resolved
+        self.log = Logger(self.workdir, jax.process_index() == 0)
+        self._data = None
+
+    # data is loaded only when a phase needs to train
+    @property
+    def data(self):
+        if self._data is None:
+            from kd_jax import data
+            c = self.c
+            t0 = time.perf_counter()
+            train_x, train_y = data.load_arrays(c.dataset, "train", data_dir=self.args.data_dir)
+            test_x, test_y = data.load_arrays(c.dataset, "test", data_dir=self.args.data_dir)
+            if c.train_subset:
+                train_x, train_y = _subset(train_x, train_y, c.train_subset, self.num_classes,
+                                           "--train-subset")
+            if c.test_subset:
+                test_x, test_y = _subset(test_x, test_y, c.test_subset, self.num_classes,
+                                         "--test-subset")
+            if c.batch_size > len(train_x):
+                raise UsageError(f"--batch-size {c.batch_size} is larger than the "
+                                 f"{len(train_x)} training images; lower it.")
+            self._data = (train_x, train_y, test_x, test_y)
+            self.log.line(f"data: {c.dataset} train {len(train_x)} test {len(test_x)} "
+                          f"({time.perf_counter() - t0:.1f}s)")
+        return self._data
+
+    def model(self, arch):
+        from kd_jax import models
+        return models.create(arch, num_classes=self.num_classes, dtype=self.dtype)
+
+    def optimizer(self, epochs: int, steps_per_epoch: int):
+        from kd_jax import train
+        c = self.c
+        oc = train.OptimConfig(optimizer=c.optimizer, lr=c.lr, lr_batch_size=c.lr_batch_size,
+                               momentum=c.momentum, nesterov=c.nesterov,
+                               weight_decay=c.weight_decay, schedule=c.schedule,
+                               warmup_epochs=c.warmup_epochs)
+        kw = dict(batch_size=c.batch_size, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        return train.make_optimizer(oc, **kw), train.make_schedule(oc, **kw)
+
+    def loader(self):
+        from kd_jax import data
+        train_x, train_y, _, _ = self.data
+        return data.TrainLoader(train_x, train_y, batch_size=self.c.batch_size,
+                                seed=self.c.seed, mesh=self.mesh)
+
+    def evaluator(self):
+        from kd_jax import loop
+        _, _, test_x, test_y = self.data
+        return loop.make_evaluator(self.mesh, images=test_x, labels=test_y,
+                                   batch_size=_eval_batch(self.c.eval_batch_size, self.devices),
+                                   dataset=self.c.dataset)
+
+    # -- phase 1
+    def teacher_phase(self) -> dict:
+        """Trains the teacher (or loads it); returns its summary and sets the variables."""
+        from kd_jax import checkpoint, loop, train
+        c = self.c
+        if self.args.teacher_checkpoint:
+            return self._load_teacher(self.args.teacher_checkpoint)
+        tdir = os.path.join(self.workdir, f"teacher_{c.teacher}_{_hash(teacher_key(c))}")
+        final = os.path.join(tdir, "final")
+        if os.path.exists(os.path.join(tdir, "result.json")):
+            summary = _read_json(os.path.join(tdir, "result.json"))
+            self.log.line(f"teacher: {c.teacher} already trained "
+                          f"({summary['test_accuracy']:.4f}), reusing {final}")
+            return self._load_teacher(final, summary=summary)
+        model = self.model(c.teacher)
+        loader = self.loader()
+        tx, schedule = self.optimizer(c.teacher_epochs_, loader.steps_per_epoch)
+        state = train.create_train_state(model, tx, init_seed=c.seed, data_seed=c.seed)
+        states = loop.replicate((state,), self.mesh)
+        ckpt = checkpoint.Checkpointer(os.path.join(tdir, "checkpoints"))
+        self.log.drop_after("teacher", ckpt.latest_step() or 0)
+        result = loop.fit(
+            states, loop.make_supervised_step(self.mesh, dataset=c.dataset), loader=loader,
+            epochs=c.teacher_epochs_, evaluate=self.evaluator(), names=[c.teacher],
+            phase="teacher", checkpointer=ckpt, lr_fn=schedule, log_every=c.log_every,
+            log_fn=self._log_fn("teacher"), progress=not self.args.no_progress,
+            meta={"arch": c.teacher})
+        ckpt.close()
+        (state,) = result.states
+        hist = result.history[0]
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        summary = {"arch": c.teacher, "test_accuracy": hist[-1]["test_accuracy"],
+                   "best_test_accuracy": max(h["test_accuracy"] for h in hist),
+                   "params": train.num_params(state.params),
+                   "train_time_s": result.train_time_s, "epochs": c.teacher_epochs_,
+                   "num_classes": self.num_classes, "dataset": c.dataset,
+                   "images_per_s": _mean([h["images_per_s"] for h in hist])}
+        checkpoint.save_variables(final, variables, summary)  # every process takes part
+        if self.jax.process_index() == 0:
+            _write_json(os.path.join(tdir, "history.json"), hist)
+            _write_json(os.path.join(tdir, "result.json"), summary)
+        self.teacher_model, self.teacher_variables = model, variables
+        return summary
+
+    def _load_teacher(self, path: str, summary: dict | None = None) -> dict:
+        import jax
+        from kd_jax import checkpoint
+        c = self.c
+        if os.path.isdir(os.path.join(path, "final")):
+            path = os.path.join(path, "final")
+        try:
+            meta = checkpoint.load_meta(path)
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"--teacher-checkpoint {path!r} is not a teacher written by this "
+                             "script (no readable meta); point it at <workdir>/teacher_*/final "
+                             "or results/<run>/teacher.") from err
+        if meta.get("arch") != c.teacher or meta.get("num_classes") != self.num_classes:
+            raise UsageError(
+                f"--teacher-checkpoint holds a {meta.get('arch')} with "
+                f"{meta.get('num_classes')} classes, but this run's teacher is {c.teacher} "
+                f"with {self.num_classes} classes; pass --teacher {meta.get('arch')} (and the "
+                "matching --dataset) or another checkpoint.")
+        model = self.model(c.teacher)
+        abstract = jax.eval_shape(lambda: model.init(
+            jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        rep = NamedSharding(self.mesh, P())
+        target = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                              target)
+        variables, meta = checkpoint.load_variables(path, target)
+        self.teacher_model, self.teacher_variables = model, variables
+        if summary is None:
+            self.log.line(f"teacher: loaded {meta['arch']} from {path} "
+                          f"(test accuracy {meta.get('test_accuracy', float('nan')):.4f})")
+        return summary or {k: meta[k] for k in ("arch", "test_accuracy", "params",
+                                                 "train_time_s") if k in meta}
+
+    # -- phase 2
+    def student_phase(self, teacher_summary: dict) -> list[dict]:
+        from kd_jax import checkpoint, loop, objectives, train
+        c = self.c
+        jobs = student_jobs(c)
+        results = []
+        passes = split_passes(jobs, c.max_parallel_students)
+        for i, group in enumerate(passes):
+            key = dict(teacher=teacher_key(c) if not self.args.teacher_checkpoint else
+                       {"checkpoint": os.path.abspath(self.args.teacher_checkpoint)},
+                       student=c.student, epochs=c.epochs, batch_size=c.batch_size,
+                       optimizer=c.optimizer, lr=c.lr, lr_batch_size=c.lr_batch_size,
+                       nesterov=c.nesterov, weight_decay=c.weight_decay, schedule=c.schedule,
+                       warmup_epochs=c.warmup_epochs, seed=c.seed, train_subset=c.train_subset,
+                       test_subset=c.test_subset, dtype=c.dtype, temperature=c.temperature,
+                       alpha=c.alpha, jobs=group)
+            names = [f"{m}/seed{s}" for m, s in group]
+            pdir = os.path.join(self.workdir, f"students_{c.student}_{_hash(key)}")
+            done = os.path.join(pdir, "result.json")
+            if os.path.exists(done):
+                self.log.line(f"students pass {i + 1}/{len(passes)} ({', '.join(names)}) "
+                              "already trained")
+                results += _read_json(done)
+                continue
+            phase = f"students{i + 1}"
+            self.log.line(f"students pass {i + 1}/{len(passes)}: {len(group)} x {c.student} "
+                          f"({', '.join(names)}) from {c.teacher}")
+            loader = self.loader()
+            tx, schedule = self.optimizer(c.epochs, loader.steps_per_epoch)
+            objs = [student_objective(m, c) for m, _ in group]
+            teacher = self.teacher_model
+            states = []
+            for (method, seed), obj in zip(group, objs):
+                model = objectives.prepare_student(self.model(c.student), obj, teacher)
+                states.append(train.create_train_state(model, tx, init_seed=seed,
+                                                       data_seed=c.seed))
+            states = loop.replicate(tuple(states), self.mesh)
+            if any(o.needs_teacher for o in objs):
+                step = loop.make_distill_step(self.mesh, objectives=objs,
+                                              teacher_apply=teacher.apply, dataset=c.dataset,
+                                              steps_per_epoch=loader.steps_per_epoch)
+                tvars = self.teacher_variables
+                step_fn = lambda s, b: step(s, tvars, b)  # noqa: E731
+            else:
+                step_fn = loop.make_supervised_step(self.mesh, dataset=c.dataset)
+            ckpt = checkpoint.Checkpointer(os.path.join(pdir, "checkpoints"))
+            self.log.drop_after(phase, ckpt.latest_step() or 0)
+            result = loop.fit(states, step_fn, loader=loader, epochs=c.epochs,
+                              evaluate=self.evaluator(), names=names, phase=phase,
+                              checkpointer=ckpt, lr_fn=schedule, log_every=c.log_every,
+                              log_fn=self._log_fn(phase), progress=not self.args.no_progress,
+                              meta={"jobs": group})
+            ckpt.close()
+            group_results = []
+            for (method, seed), state, hist in zip(group, result.states, result.history):
+                group_results.append({
+                    "arch": c.student, "method": method, "seed": seed,
+                    "test_accuracy": hist[-1]["test_accuracy"],
+                    "best_test_accuracy": max(h["test_accuracy"] for h in hist),
+                    "params": train.num_params(state.params.get("backbone", state.params)
+                                               if isinstance(state.params, dict)
+                                               else state.params),
+                    "train_time_s": result.train_time_s,
+                    "images_per_s": _mean([h["images_per_s"] for h in hist]),
+                    "students_in_pass": len(group), "history": hist})
+            if self.jax.process_index() == 0:
+                _write_json(done, group_results)
+            results += group_results
+        return results
+
+    def _log_fn(self, phase):
+        def log(record):
+            self.log.metrics(record)
+            if "test_accuracy" in record:
+                self.log.line(
+                    f"[{phase} {record['student']}] epoch {record['epoch']} "
+                    f"loss {record['train_loss']:.4f} train_acc {record['train_accuracy']:.4f} "
+                    f"test_acc {record['test_accuracy']:.4f} "
+                    f"{record['images_per_s']:.0f} img/s {record['epoch_time_s']:.1f}s")
+        return log
+
+
+def _subset(x, y, n, num_classes, flag):
+    from kd_jax import data
+    per_class = n // num_classes
+    if per_class < 1:
+        raise UsageError(f"{flag} {n} is smaller than the {num_classes} classes; use at least "
+                         f"{num_classes}.")
+    try:
+        return data.balanced_subset(x, y, per_class)
+    except ValueError as err:
+        raise UsageError(f"{flag} {n}: {err}") from err
+
+
+def _eval_batch(requested: int, devices: int) -> int:
+    return max(devices, requested // devices * devices)
+
+
+def _mean(xs):
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------- reports
+
+def summarise(config: ExperimentConfig, teacher: dict, students: list[dict]) -> dict:
+    return {
+        "dataset": config.dataset,
+        "teacher": {k: teacher.get(k) for k in ("arch", "test_accuracy", "params",
+                                                "train_time_s")},
+        "students": [{k: s[k] for k in ("arch", "method", "seed", "test_accuracy",
+                                        "best_test_accuracy", "params", "train_time_s",
+                                        "images_per_s")} | {"students_in_pass":
+                                                            s.get("students_in_pass", 1)}
+                     for s in students],
+        "config": dataclasses.asdict(config),
+    }
+
+
+def results_table(results: dict) -> str:
+    """The Markdown table of ``results``: method, accuracy mean ± std, gain over baseline."""
+    import statistics
+    by_method: dict[str, list[float]] = {}
+    arch = {}
+    for s in results["students"]:
+        by_method.setdefault(s["method"], []).append(s["test_accuracy"])
+        arch[s["method"]] = s["arch"]
+    base = statistics.mean(by_method["none"]) if "none" in by_method else None
+    t = results["teacher"]
+    lines = [f"Teacher {t['arch']}: {100 * t['test_accuracy']:.2f}% test accuracy "
+             f"({results['dataset']}).", "",
+             "| Method | Student | Test accuracy (%) | Gain over baseline | Seeds |",
+             "|---|---|---|---|---|"]
+    for method, accs in by_method.items():
+        mean = statistics.mean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        name = "baseline (none)" if method == "none" else method
+        gain = "—" if method == "none" or base is None else f"{100 * (mean - base):+.2f}"
+        lines.append(f"| {name} | {arch[method]} | {100 * mean:.2f} ± {100 * std:.2f} | "
+                     f"{gain} | {len(accs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: str, teacher_hist: list[dict] | None, students: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = []
+    if teacher_hist:
+        series.append(("teacher", teacher_hist, "k"))
+    series += [(f"{s['method']} seed {s['seed']}", s.get("history", []), None) for s in students]
+    for label, hist, color in series:
+        if not hist:
+            continue
+        epochs = [h["epoch"] for h in hist]
+        ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in hist], label=label, color=color,
+                    marker="o", markersize=3)
+        ax_loss.plot(epochs, [h["train_loss"] for h in hist], label=label, color=color,
+                     marker="o", markersize=3)
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (objective)", title="Training loss",
+                yscale="log")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def all_done(config, args) -> dict | None:
+    """The stored results if every phase of this exact configuration has finished."""
+    path = os.path.join(args.workdir_resolved, "results.json")
+    if not os.path.exists(path):
+        return None
+    stored = _read_json(path)
+    if stored.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
+        return None
+    if stored.get("teacher_checkpoint") != args.teacher_checkpoint:
+        return None
+    return stored
+
+
+def main(argv=None) -> int:
+    config, args = parse_args(argv)
+    args.workdir_resolved = args.workdir or os.path.join(
+        "runs", f"{config.dataset}_{config.teacher}_{config.student}")
+    try:
+        validate(config, args)
+        stored = all_done(config, args)
+        if stored is not None:
+            print(f"Finished run in {args.workdir_resolved}; stored results:\n")
+            print(results_table(stored))
+            return 0
+        ensure_writable(args.workdir_resolved)
+        from kd_jax import data, parallel
+        parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                              args.process_id)
+        run = Run(config, args)
+        run.log.line(f"kd_jax: {config.dataset} {config.teacher} -> {config.student} "
+                     f"methods {','.join(config.methods)} x {config.seeds} seeds on "
+                     f"{run.devices} {run.jax.devices()[0].platform} device(s), "
+                     f"{run.dtype.name}; workdir {args.workdir_resolved}")
+        teacher = run.teacher_phase()
+        students = run.student_phase(teacher)
+    except UsageError as err:
+        print(f"cifar_kd.py: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001
+        from kd_jax import data, loop
+        if isinstance(err, (data.DataNotFoundError, loop.NonFiniteLossError)):
+            print(f"cifar_kd.py: error: {err}", file=sys.stderr)
+            return 1
+        raise
+    results = summarise(config, teacher, students)
+    results["teacher_checkpoint"] = args.teacher_checkpoint
+    results["devices"] = f"{run.devices} x {run.jax.devices()[0].device_kind}"
+    if run.jax.process_index() == 0:
+        wd = args.workdir_resolved
+        table = results_table(results)
+        teacher_hist = None
+        for name in os.listdir(wd):
+            hist_path = os.path.join(wd, name, "history.json")
+            if name.startswith(f"teacher_{config.teacher}_{_hash(teacher_key(config))}") \
+                    and os.path.exists(hist_path):
+                teacher_hist = _read_json(hist_path)
+        plot_curves(os.path.join(wd, "curves.png"), teacher_hist, students)
+        with open(os.path.join(wd, "results.md"), "w") as f:
+            f.write(table)
+        _write_json(os.path.join(wd, "results.json"), results)
+        print("\n" + table)
+        print(f"Outputs: {wd}/results.json, results.md, metrics.jsonl, curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The epoch loop: jitted steps over sharded batches, evaluation, logging, checkpoints, resume.
+
+:func:`fit` trains a tuple of K train states with one compiled step per batch (K=1 for a
+teacher or a single student; K>1 for students distilled together). Metrics stay on the
+device and are fetched once per log interval, so the host never waits on a step. A
+checkpoint is written at the end of every ``checkpoint_every`` epochs, after the epoch's
+losses were checked to be finite; the step count in it fixes where the data stream resumes,
+so an interrupted run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kd_jax import data, parallel, train
+from kd_jax.checkpoint import Checkpointer
+from kd_jax.objectives import Objective
+
+__all__ = ["FitResult", "NonFiniteLossError", "fit", "make_distill_step", "make_evaluator",
+           "make_supervised_step", "replicate"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    states: tuple[train.TrainState, ...]
+    history: list[list[dict[str, float]]]  # per student, one record per epoch
+    train_time_s: float
+    resumed_from_step: int
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every array of ``tree`` on all devices of ``mesh`` (replicated)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def make_supervised_step(mesh: Mesh, *, dataset: str) -> Callable:
+    """``(states, batch) -> (states, metrics[K])`` for supervised training, jitted, donating."""
+
+    def step(states, batch):
+        new_states, metrics = [], []
+        for state in states:
+            s, m = train.train_step(state, batch, dataset=dataset)
+            new_states.append(s)
+            metrics.append(m)
+        return tuple(new_states), jax.tree.map(lambda *x: jnp.stack(x), *metrics)
+
+    return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
+
+
+def make_distill_step(mesh: Mesh, *, objectives: Sequence[Objective], teacher_apply,
+                      dataset: str, steps_per_epoch: int) -> Callable:
+    """``(states, teacher_variables, batch) -> (states, metrics[K])``, jitted, donating states.
+
+    The teacher's variables are an argument (not baked into the program as constants) and
+    are not donated: they are reused at every step.
+    """
+    step = partial(train.distill_step_many, objectives=tuple(objectives),
+                   teacher_apply=teacher_apply, dataset=dataset,
+                   steps_per_epoch=steps_per_epoch)
+    return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, P()))
+
+
+def make_evaluator(mesh: Mesh, *, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   dataset: str) -> Callable:
+    """``evaluate(states) -> [{"test_accuracy", "test_loss"}, ...]``, one dict per state.
+
+    Every test example counts exactly once (the last batch is padded and masked).
+    """
+
+    def sums(states, batch):
+        out = [train.eval_step({"params": s.params, "batch_stats": s.batch_stats}, batch,
+                               apply_fn=s.apply_fn, dataset=dataset) for s in states]
+        return jax.tree.map(lambda *x: jnp.stack(x), *out)
+
+    sums_jit = jax.jit(sums, out_shardings=NamedSharding(mesh, P()))
+
+    def evaluate(states):
+        total = None
+        for batch in data.eval_batches(images, labels, batch_size=batch_size, mesh=mesh):
+            s = sums_jit(states, batch)
+            total = s if total is None else jax.tree.map(jnp.add, total, s)
+        total = jax.device_get(total)
+        return [{"test_accuracy": float(total["correct"][k] / total["count"][k]),
+                 "test_loss": float(total["loss_sum"][k] / total["count"][k])}
+                for k in range(len(states))]
+
+    return evaluate
+
+
+def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs: int,
+        evaluate: Callable, names: Sequence[str], phase: str,
+        checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
+        lr_fn: Callable[[int], float] | None = None, log_every: int = 50,
+        log_fn: Callable[[dict], None] | None = None, progress: bool = True,
+        meta: dict[str, Any] | None = None) -> FitResult:
+    """Trains ``states`` (K of them, stepped together by ``step_fn``) for ``epochs`` epochs.
+
+    ``step_fn(states, batch) -> (states, metrics)`` with ``metrics["loss"|"accuracy"]`` of
+    shape ``[K]``; ``loader.epoch(e, start_step)`` yields the batches of epoch ``e``;
+    ``evaluate(states)`` returns one ``{"test_accuracy", ...}`` per state. With a
+    ``checkpointer`` the run resumes from its newest readable checkpoint and skips when
+    already finished. ``log_fn`` receives one record per log interval and per epoch.
+    Raises :class:`NonFiniteLossError` on a NaN/inf loss, naming the step.
+    """
+    states = tuple(states)
+    k = len(states)
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = epochs * steps_per_epoch
+    history: list[list[dict[str, float]]] = [[] for _ in range(k)]
+    train_time = 0.0
+    start = 0
+    if checkpointer is not None:
+        restored = checkpointer.restore(states)
+        if restored is not None:
+            start, states, saved = restored
+            history, train_time = saved["history"], saved["train_time_s"]
+    resumed_from = start
+    log = log_fn or (lambda record: None)
+    bar = _progress_bar(progress and jax.process_index() == 0, phase, total_steps, start)
+
+    step = start
+    try:
+        for epoch in range(start // steps_per_epoch, epochs):
+            t_epoch = time.perf_counter()
+            pending, sums, seen = [], np.zeros((2, k)), 0
+            t_interval, interval_start = time.perf_counter(), step
+            batches = loader.epoch(epoch, start_step=step - epoch * steps_per_epoch)
+            for batch in batches:
+                states, metrics = step_fn(states, batch)
+                pending.append(metrics)
+                step += 1
+                bar.update(1)
+                end_of_epoch = step == (epoch + 1) * steps_per_epoch
+                if len(pending) < log_every and not end_of_epoch:
+                    continue
+                fetched = jax.device_get(pending)
+                losses = np.stack([m["loss"] for m in fetched])
+                accs = np.stack([m["accuracy"] for m in fetched])
+                _check_finite(losses, step - len(fetched), names, checkpointer)
+                sums += [losses.sum(0), accs.sum(0)]
+                seen += len(fetched)
+                now = time.perf_counter()
+                rate = (step - interval_start) * loader.batch_size / max(now - t_interval, 1e-9)
+                t_interval, interval_start, pending = now, step, []
+                lr = float(lr_fn(step - 1)) if lr_fn is not None else None
+                for i, name in enumerate(names):
+                    log({"phase": phase, "student": name, "epoch": epoch + 1, "step": step,
+                         "loss": float(losses[:, i].mean()), "accuracy": float(accs[:, i].mean()),
+                         "lr": lr, "images_per_s": rate})
+                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {losses.mean():.3f} "
+                                    f"acc {accs.mean():.3f} {rate:.0f} img/s")
+            epoch_time = time.perf_counter() - t_epoch
+            train_time += epoch_time
+            results = evaluate(states)
+            for i, name in enumerate(names):
+                record = {"phase": phase, "student": name, "epoch": epoch + 1, "step": step,
+                          "train_loss": float(sums[0, i] / max(seen, 1)),
+                          "train_accuracy": float(sums[1, i] / max(seen, 1)),
+                          **results[i], "epoch_time_s": epoch_time,
+                          "images_per_s": seen * loader.batch_size / epoch_time}
+                history[i].append(record)
+                log(record)
+            if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
+                                             or epoch + 1 == epochs):
+                mean_acc = float(np.mean([r["test_accuracy"] for r in results]))
+                checkpointer.save(step, states, metrics={"test_accuracy": mean_acc},
+                                  meta={**(meta or {}), "history": history,
+                                        "train_time_s": train_time, "epoch": epoch + 1})
+    finally:
+        bar.close()
+    return FitResult(states=states, history=history, train_time_s=train_time,
+                     resumed_from_step=resumed_from)
+
+
+def _check_finite(losses: np.ndarray, first_step: int, names, checkpointer) -> None:
+    bad = ~np.isfinite(losses)
+    if not bad.any():
+        return
+    row, col = np.argwhere(bad)[0]
+    kept = checkpointer.latest_step() if checkpointer is not None else None
+    where = (f"the last good checkpoint (step {kept}) is kept in {checkpointer.directory}"
+             if kept is not None else "no checkpoint had been written yet")
+    raise NonFiniteLossError(
+        f"non-finite loss ({losses[row, col]}) at step {first_step + row + 1} for "
+        f"{names[col]}; training stopped and {where}. Lower the learning rate or check "
+        "the inputs.")
+
+
+def _progress_bar(enabled: bool, phase: str, total: int, initial: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=phase, unit="step", dynamic_ncols=True,
+                leave=True)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
