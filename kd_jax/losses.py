@@ -1,0 +1,808 @@
+"""Knowledge-distillation losses.
+
+Pure, jittable functions in the style of ``optax.losses``: arrays in, a
+``jax.Array`` out, hyperparameters keyword-only, no reduction over examples
+unless the loss itself relates examples to each other.
+
+* Logit losses take logits of shape ``[..., C]`` and return shape ``[...]``.
+* Per-example feature losses take ``[B, ...]`` and return shape ``[B]``.
+* Relational losses (DIST, SP, RKD, PKT) return a scalar.
+
+All arithmetic runs in float32 or wider: bfloat16/float16 inputs are upcast to
+float32 first, float64 inputs stay float64. Shapes, dtypes and Python-number
+hyperparameters are validated at trace time and raise ``ValueError``; traced
+hyperparameters cannot be checked.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+__all__ = [
+    "attention_transfer_loss",
+    "distillation_loss",
+    "dist_loss",
+    "dkd_loss",
+    "hint_loss",
+    "lskd_loss",
+    "nst_loss",
+    "pkt_loss",
+    "rkd_loss",
+    "similarity_preserving_loss",
+    "soft_target_cross_entropy",
+    "soft_target_kl",
+    "tempered_log_softmax",
+    "tempered_softmax",
+]
+
+
+# ----------------------------------------------------------------------------
+# Validation and numerics helpers.
+# ----------------------------------------------------------------------------
+
+
+def _as_float(name: str, x: ArrayLike) -> jax.Array:
+    """Checks that `x` is floating point and casts it to at least float32."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"`{name}` must be a floating-point array, got dtype {x.dtype}; "
+            f"cast it first, e.g. `{name}.astype(jnp.float32)`."
+        )
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _validated(
+    student: ArrayLike,
+    teacher: ArrayLike,
+    names: tuple[str, str],
+    *,
+    match: Literal["shape", "batch"],
+    ndim: int | None = None,
+    min_ndim: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """Validates a student/teacher pair and casts both to one compute dtype.
+
+    Args:
+      student: student array.
+      teacher: teacher array.
+      names: argument names used in error messages.
+      match: ``"shape"`` requires identical shapes, ``"batch"`` only the same
+        leading (batch) axis.
+      ndim: exact rank required, if any.
+      min_ndim: minimum rank required.
+
+    Returns:
+      ``(student, teacher)`` cast to a common dtype of at least float32.
+    """
+    s = _as_float(names[0], student)
+    t = _as_float(names[1], teacher)
+    for name, x in zip(names, (s, t)):
+        if ndim is not None and x.ndim != ndim:
+            raise ValueError(
+                f"`{name}` must have rank {ndim}, got shape {x.shape}; reshape it "
+                "to the documented layout."
+            )
+        if x.ndim < min_ndim:
+            raise ValueError(
+                f"`{name}` must have rank >= {min_ndim}, got shape {x.shape}; add "
+                "the missing axes (a batch axis first, a class/feature axis last)."
+            )
+    if match == "shape" and s.shape != t.shape:
+        raise ValueError(
+            f"`{names[0]}` and `{names[1]}` must have the same shape, got "
+            f"{s.shape} and {t.shape}; project or reshape the student output to "
+            "the teacher's shape."
+        )
+    if match == "batch" and s.shape[0] != t.shape[0]:
+        raise ValueError(
+            f"`{names[0]}` and `{names[1]}` must have the same batch size (axis "
+            f"0), got shapes {s.shape} and {t.shape}; pass features of the same "
+            "examples."
+        )
+    dtype = jnp.promote_types(s.dtype, t.dtype)
+    return s.astype(dtype), t.astype(dtype)
+
+
+def _check_positive(name: str, value: float | ArrayLike) -> None:
+    """Rejects a non-positive hyperparameter when it is a Python/NumPy number."""
+    if isinstance(value, numbers.Real) and not value > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value}; pass a positive number.")
+
+
+def _check_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:
+    """Checks integer class ids of shape ``logits.shape[:-1]``."""
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"`labels` must hold integer class ids, got dtype {labels.dtype}; "
+            "convert one-hot labels with `labels.argmax(-1)` or cast with "
+            "`.astype(jnp.int32)`."
+        )
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"`labels` must have shape logits.shape[:-1] = {logits.shape[:-1]}, "
+            f"got {labels.shape}; pass one class id per example."
+        )
+    return labels
+
+
+def _one_hot_mask(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """Returns a boolean target mask ``[..., C]`` and a validity mask ``[...]``.
+
+    Labels outside ``[0, C)`` cannot be checked at trace time; they are marked
+    invalid so the losses return NaN for those examples rather than a plausible
+    but wrong number.
+    """
+    mask = labels[..., None] == jnp.arange(num_classes)
+    valid = (labels >= 0) & (labels < num_classes)
+    return mask, valid
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array, where: jax.Array | None = None) -> jax.Array:
+    """``sum_c p_c (log p_c - log q_c)`` over the last axis, from log-probabilities.
+
+    Terms with ``p_c == 0`` (or outside `where`) contribute exactly 0, so the
+    result stays finite when ``log p_c`` underflows or is masked.
+    """
+    p = jnp.exp(log_p)
+    keep = p > 0
+    if where is not None:
+        keep = keep & where
+    terms = jnp.where(keep, p * (log_p - log_q), 0.0)
+    return jnp.sum(terms, axis=-1)
+
+
+def _safe_norm(x: jax.Array, axis: int | tuple[int, ...], keepdims: bool = False) -> jax.Array:
+    """Euclidean norm whose gradient is 0 (not NaN) at the zero vector."""
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def _l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
+    """``x / max(||x||, eps)`` along `axis` (PyTorch ``F.normalize`` semantics)."""
+    return x / jnp.maximum(_safe_norm(x, axis, keepdims=True), eps)
+
+
+def _smooth_l1(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Elementwise Huber loss with delta 1 (PyTorch ``smooth_l1_loss``, beta 1)."""
+    d = jnp.abs(x - y)
+    return jnp.where(d < 1.0, 0.5 * d * d, d - 0.5)
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------
+# Logit losses.
+# ----------------------------------------------------------------------------
+
+
+def tempered_softmax(logits: ArrayLike, temperature: float = 1.0) -> jax.Array:
+    r"""Softmax of logits divided by a temperature, over the last axis.
+
+    .. math::
+      p_c = \frac{\exp(z_c / T)}{\sum_k \exp(z_k / T)}
+
+    Args:
+      logits: logits of shape ``[..., C]``.
+      temperature: :math:`T > 0`; larger values give softer distributions.
+
+    Returns:
+      Probabilities of shape ``[..., C]``, float32 or wider.
+
+    References:
+      Hinton et al., `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015
+    """
+    z = _as_float("logits", logits)
+    _check_positive("temperature", temperature)
+    return jax.nn.softmax(z / temperature, axis=-1)
+
+
+def tempered_log_softmax(logits: ArrayLike, temperature: float = 1.0) -> jax.Array:
+    r"""Log-softmax of logits divided by a temperature, over the last axis.
+
+    .. math::
+      \log p_c = z_c / T - \log \sum_k \exp(z_k / T)
+
+    Args:
+      logits: logits of shape ``[..., C]``.
+      temperature: :math:`T > 0`.
+
+    Returns:
+      Log-probabilities of shape ``[..., C]``, float32 or wider.
+
+    References:
+      Hinton et al., `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015
+    """
+    z = _as_float("logits", logits)
+    _check_positive("temperature", temperature)
+    return jax.nn.log_softmax(z / temperature, axis=-1)
+
+
+def soft_target_kl(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float,
+) -> jax.Array:
+    r"""Temperature-scaled KL divergence from the teacher to the student.
+
+    .. math::
+      \ell = T^2 \, \mathrm{KL}(p^t \,\|\, p^s)
+           = T^2 \sum_c p^t_c \left(\log p^t_c - \log p^s_c\right),
+      \qquad p = \mathrm{softmax}(z / T)
+
+    The teacher distribution is the target. The :math:`T^2` factor keeps the
+    gradient scale roughly independent of :math:`T`: as :math:`T \to \infty` the
+    gradient w.r.t. zero-mean student logits tends to
+    :math:`(z^s - z^t) / C`.
+
+    Args:
+      student_logits: student logits of shape ``[..., C]``.
+      teacher_logits: teacher logits of the same shape.
+      temperature: :math:`T > 0` (keyword-only, no default).
+
+    Returns:
+      Per-example loss of shape ``[...]``; no reduction.
+
+    References:
+      Hinton et al., `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015
+    """
+    s, t = _validated(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"),
+        match="shape")
+    _check_positive("temperature", temperature)
+    log_p_s = jax.nn.log_softmax(s / temperature, axis=-1)
+    log_p_t = jax.nn.log_softmax(t / temperature, axis=-1)
+    return temperature**2 * _kl(log_p_t, log_p_s)
+
+
+def soft_target_cross_entropy(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float,
+) -> jax.Array:
+    r"""Temperature-scaled cross-entropy of the student against teacher soft targets.
+
+    .. math::
+      \ell = -T^2 \sum_c p^t_c \log p^s_c, \qquad p = \mathrm{softmax}(z / T)
+
+    Equals :func:`soft_target_kl` plus :math:`T^2 H(p^t)`, a term that does not
+    depend on the student, so both give the same student gradient.
+
+    Args:
+      student_logits: student logits of shape ``[..., C]``.
+      teacher_logits: teacher logits of the same shape.
+      temperature: :math:`T > 0` (keyword-only, no default).
+
+    Returns:
+      Per-example loss of shape ``[...]``; no reduction.
+
+    References:
+      Hinton et al., `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015
+    """
+    s, t = _validated(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"),
+        match="shape")
+    _check_positive("temperature", temperature)
+    log_p_s = jax.nn.log_softmax(s / temperature, axis=-1)
+    p_t = jax.nn.softmax(t / temperature, axis=-1)
+    return -(temperature**2) * jnp.sum(p_t * log_p_s, axis=-1)
+
+
+def distillation_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> jax.Array:
+    r"""Hinton's KD objective: hard-label cross-entropy plus soft-target KL.
+
+    .. math::
+      \ell = (1 - \alpha)\, \mathrm{CE}(y, \mathrm{softmax}(z^s))
+           + \alpha\, T^2\, \mathrm{KL}(p^t \,\|\, p^s)
+
+    Here :math:`\alpha` weights the *distillation* term. Libraries disagree on
+    this convention (some weight the cross-entropy by :math:`\alpha` instead);
+    check before porting hyperparameters. The cross-entropy uses temperature 1;
+    the KL term is :func:`soft_target_kl`.
+
+    Args:
+      student_logits: student logits of shape ``[..., C]``.
+      teacher_logits: teacher logits of the same shape.
+      labels: integer class ids of shape ``[...]`` in ``[0, C)``; examples with
+        ids outside that range get NaN.
+      temperature: :math:`T > 0` for the KL term.
+      alpha: weight :math:`\alpha \in [0, 1]` of the KL term.
+
+    Returns:
+      Per-example loss of shape ``[...]``; no reduction.
+
+    References:
+      Hinton et al., `Distilling the Knowledge in a Neural Network
+      <https://arxiv.org/abs/1503.02531>`_, 2015
+    """
+    s, t = _validated(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"),
+        match="shape")
+    labels = _check_labels(labels, s)
+    _check_positive("temperature", temperature)
+    if isinstance(alpha, numbers.Real) and not 0.0 <= alpha <= 1.0:
+        raise ValueError(
+            f"`alpha` must be in [0, 1], got {alpha}; it is the weight of the "
+            "distillation term and (1 - alpha) that of the cross-entropy.")
+    target, valid = _one_hot_mask(labels, s.shape[-1])
+    log_p = jax.nn.log_softmax(s, axis=-1)
+    ce = -jnp.sum(jnp.where(target, log_p, 0.0), axis=-1)
+    ce = jnp.where(valid, ce, jnp.nan)
+    kd = soft_target_kl(s, t, temperature=temperature)
+    return (1.0 - alpha) * ce + alpha * kd
+
+
+def dkd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> jax.Array:
+    r"""Decoupled knowledge distillation: target-class plus non-target-class KD.
+
+    With :math:`p = \mathrm{softmax}(z / T)` and target class :math:`y`:
+
+    .. math::
+      \mathrm{TCKD} = \mathrm{KL}(b^t \,\|\, b^s), \quad
+      b = [p_y,\ 1 - p_y], \\
+      \mathrm{NCKD} = \mathrm{KL}(\hat p^t \,\|\, \hat p^s), \quad
+      \hat p_c = \frac{\exp(z_c / T)}{\sum_{k \ne y} \exp(z_k / T)},\ c \ne y, \\
+      \ell = T^2 (\alpha\, \mathrm{TCKD} + \beta\, \mathrm{NCKD})
+
+    Classic KD decomposes as :math:`\mathrm{KL}(p^t\|p^s) = \mathrm{TCKD} +
+    (1 - p^t_y)\,\mathrm{NCKD}`; DKD decouples the two weights. Definitions
+    follow mdistiller's ``dkd_loss``; here everything is computed in log space
+    and the target class is removed exactly by masking rather than by
+    subtracting 1000 from its logit. mdistiller's linear warm-up of the loss
+    weight over the first epochs belongs to the training loop, not here.
+
+    Args:
+      student_logits: student logits of shape ``[..., C]``, ``C >= 2``.
+      teacher_logits: teacher logits of the same shape.
+      labels: integer class ids of shape ``[...]`` in ``[0, C)``; examples with
+        ids outside that range get NaN.
+      alpha: weight of TCKD.
+      beta: weight of NCKD.
+      temperature: :math:`T > 0`.
+
+    Returns:
+      Per-example loss of shape ``[...]``; no reduction.
+
+    References:
+      Zhao et al., `Decoupled Knowledge Distillation
+      <https://arxiv.org/abs/2203.08679>`_, CVPR 2022
+    """
+    s, t = _validated(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"),
+        match="shape")
+    labels = _check_labels(labels, s)
+    _check_positive("temperature", temperature)
+    num_classes = s.shape[-1]
+    if num_classes < 2:
+        raise ValueError(
+            f"`student_logits` must have at least 2 classes for DKD, got shape "
+            f"{s.shape}; NCKD is undefined without non-target classes.")
+    target, valid = _one_hot_mask(labels, num_classes)
+    # A finite mask value keeps every intermediate finite; exp() of it is 0.
+    mask_value = 0.5 * jnp.finfo(s.dtype).min
+
+    def decompose(z):
+        z = z / temperature
+        lse_all = jax.nn.logsumexp(z, axis=-1)
+        z_other = jnp.where(target, mask_value, z)
+        lse_other = jax.nn.logsumexp(z_other, axis=-1)
+        log_p_target = jnp.sum(jnp.where(target, z, 0.0), axis=-1) - lse_all
+        log_p_other = lse_other - lse_all  # log(1 - p_y), without cancellation
+        log_binary = jnp.stack([log_p_target, log_p_other], axis=-1)
+        log_p_hat = z_other - lse_other[..., None]
+        return log_binary, log_p_hat
+
+    log_b_s, log_hat_s = decompose(s)
+    log_b_t, log_hat_t = decompose(t)
+    tckd = _kl(log_b_t, log_b_s)
+    nckd = _kl(log_hat_t, log_hat_s, where=~target)
+    loss = temperature**2 * (alpha * tckd + beta * nckd)
+    return jnp.where(valid, loss, jnp.nan)
+
+
+def _pearson(x: jax.Array, y: jax.Array, axis: int, eps: float = 1e-8) -> jax.Array:
+    """Pearson correlation along `axis`, with `eps` added to the norm product."""
+    a = x - jnp.mean(x, axis=axis, keepdims=True)
+    b = y - jnp.mean(y, axis=axis, keepdims=True)
+    num = jnp.sum(a * b, axis=axis)
+    return num / (_safe_norm(a, axis) * _safe_norm(b, axis) + eps)
+
+
+def dist_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+) -> jax.Array:
+    r"""DIST: match inter-class and intra-class Pearson correlations.
+
+    With :math:`P = \mathrm{softmax}(z / T)` of shape ``[B, C]`` and
+    :math:`\rho(u, v) = \frac{\langle u - \bar u, v - \bar v\rangle}
+    {\|u - \bar u\|\,\|v - \bar v\| + 10^{-8}}`:
+
+    .. math::
+      \mathrm{inter} = \frac{1}{B} \sum_b \left(1 - \rho(P^s_{b,:}, P^t_{b,:})\right),
+      \quad
+      \mathrm{intra} = \frac{1}{C} \sum_c \left(1 - \rho(P^s_{:,c}, P^t_{:,c})\right), \\
+      \ell = T^2 (\beta\, \mathrm{inter} + \gamma\, \mathrm{intra})
+
+    The :math:`10^{-8}` follows the official implementation. The intra term
+    relates examples, so the loss is a scalar over the batch.
+
+    Args:
+      student_logits: student logits of shape ``[B, C]`` (flatten dense
+        predictions to ``[N, C]`` first).
+      teacher_logits: teacher logits of the same shape.
+      beta: weight of the inter-class (per-example) term.
+      gamma: weight of the intra-class (per-class, across the batch) term.
+      temperature: :math:`T > 0`.
+
+    Returns:
+      Scalar loss (already averaged over the batch).
+
+    References:
+      Huang et al., `Knowledge Distillation from A Stronger Teacher
+      <https://arxiv.org/abs/2205.10536>`_, NeurIPS 2022
+    """
+    s, t = _validated(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"),
+        match="shape", ndim=2)
+    _check_positive("temperature", temperature)
+    p_s = jax.nn.softmax(s / temperature, axis=-1)
+    p_t = jax.nn.softmax(t / temperature, axis=-1)
+    inter = jnp.mean(1.0 - _pearson(p_s, p_t, axis=1))
+    intra = jnp.mean(1.0 - _pearson(p_s, p_t, axis=0))
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def _standardize(z: jax.Array, eps: float = 1e-7) -> jax.Array:
+    """Z-score over the last axis with the unbiased std, as in the LS-KD code."""
+    centered = z - jnp.mean(z, axis=-1, keepdims=True)
+    # Via _safe_norm so constant logits (e.g. a zero-initialised head) give a
+    # zero gradient instead of NaN.
+    std = _safe_norm(centered, axis=-1, keepdims=True) / jnp.sqrt(z.shape[-1] - 1.0)
+    return centered / (std + eps)
+
+
+def lskd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float,
+) -> jax.Array:
+    r"""KD on standardised logits (logit standardisation, LS-KD).
+
+    .. math::
+      \tilde z = \frac{z - \mathrm{mean}(z)}{\mathrm{std}(z) + 10^{-7}}, \qquad
+      \ell = T^2\, \mathrm{KL}\left(\mathrm{softmax}(\tilde z^t / T) \,\|\,
+      \mathrm{softmax}(\tilde z^s / T)\right)
+
+    Mean and standard deviation run over the class axis; the standard deviation
+    is the unbiased one (divides by :math:`C - 1`), as in the authors' code. The
+    loss is invariant to shifting and positively scaling either set of logits.
+    For (near-)constant logits, e.g. from a zero-initialised head, the gradient
+    is of order :math:`1/10^{-7}` since the standard deviation vanishes.
+
+    Args:
+      student_logits: student logits of shape ``[..., C]``, ``C >= 2``.
+      teacher_logits: teacher logits of the same shape.
+      temperature: base temperature :math:`T > 0` (keyword-only, no default).
+
+    Returns:
+      Per-example loss of shape ``[...]``; no reduction.
+
+    References:
+      Sun et al., `Logit Standardization in Knowledge Distillation
+      <https://arxiv.org/abs/2403.01427>`_, CVPR 2024
+    """
+    s, t = _validated(
+        student_logits, teacher_logits, ("student_logits", "teacher_logits"),
+        match="shape")
+    if s.shape[-1] < 2:
+        raise ValueError(
+            f"`student_logits` must have at least 2 classes to standardise, got "
+            f"shape {s.shape}.")
+    return soft_target_kl(_standardize(s), _standardize(t), temperature=temperature)
+
+
+# ----------------------------------------------------------------------------
+# Feature losses.
+# ----------------------------------------------------------------------------
+
+
+def hint_loss(student_feature: ArrayLike, teacher_feature: ArrayLike) -> jax.Array:
+    r"""FitNets hint loss: mean squared error between features.
+
+    .. math::
+      \ell_b = \frac{1}{D} \sum_{i} (f^s_{b,i} - f^t_{b,i})^2
+
+    where :math:`i` runs over all :math:`D` non-batch entries.
+
+    Args:
+      student_feature: student feature ``[B, ...]``, already mapped to the
+        teacher's shape by its regressor.
+      teacher_feature: teacher feature of the same shape.
+
+    Returns:
+      Per-example loss of shape ``[B]``.
+
+    References:
+      Romero et al., `FitNets: Hints for Thin Deep Nets
+      <https://arxiv.org/abs/1412.6550>`_, ICLR 2015
+    """
+    s, t = _validated(
+        student_feature, teacher_feature, ("student_feature", "teacher_feature"),
+        match="shape", min_ndim=2)
+    return jnp.mean(jnp.square(_flatten(s) - _flatten(t)), axis=-1)
+
+
+def _attention_map(f: jax.Array, p: float) -> jax.Array:
+    a = jnp.mean(jnp.abs(f) ** p, axis=-1)  # [B, H, W]
+    return _l2_normalize(_flatten(a), axis=-1)
+
+
+def _check_same_spatial(s: jax.Array, t: jax.Array) -> None:
+    if s.shape[1:3] != t.shape[1:3]:
+        raise ValueError(
+            "`student_feature` and `teacher_feature` must have the same spatial "
+            f"size (axes 1, 2 of NHWC), got {s.shape} and {t.shape}; resize or "
+            "pool one map to the other's H x W first.")
+
+
+def attention_transfer_loss(
+    student_feature: ArrayLike,
+    teacher_feature: ArrayLike,
+    *,
+    p: float = 2,
+) -> jax.Array:
+    r"""Attention transfer between spatial attention maps.
+
+    .. math::
+      a = \frac{q}{\max(\|q\|_2, 10^{-12})}, \quad
+      q_{hw} = \frac{1}{C} \sum_c |f_{hwc}|^p, \qquad
+      \ell = \frac{1}{HW} \sum_{hw} (a^s_{hw} - a^t_{hw})^2
+
+    Channel counts may differ. The paper uses :math:`|f|^p`; RepDistiller uses
+    :math:`f^p`, which agrees for even :math:`p`.
+
+    Args:
+      student_feature: NHWC map ``[B, H, W, C_s]``.
+      teacher_feature: NHWC map ``[B, H, W, C_t]``.
+      p: exponent :math:`p > 0`.
+
+    Returns:
+      Per-example loss of shape ``[B]``.
+
+    References:
+      Zagoruyko & Komodakis, `Paying More Attention to Attention
+      <https://arxiv.org/abs/1612.03928>`_, ICLR 2017
+    """
+    s, t = _validated(
+        student_feature, teacher_feature, ("student_feature", "teacher_feature"),
+        match="batch", ndim=4)
+    _check_same_spatial(s, t)
+    _check_positive("p", p)
+    return jnp.mean(jnp.square(_attention_map(s, p) - _attention_map(t, p)), axis=-1)
+
+
+def nst_loss(student_feature: ArrayLike, teacher_feature: ArrayLike) -> jax.Array:
+    r"""Neuron selectivity transfer: squared MMD with a degree-2 polynomial kernel.
+
+    Each channel's map is flattened over space and L2-normalised (``eps``
+    :math:`10^{-12}`), giving :math:`C` vectors :math:`u_i \in \mathbb{R}^{HW}`:
+
+    .. math::
+      \ell = \mathrm{mean}_{i,j} \langle u^t_i, u^t_j\rangle^2
+           + \mathrm{mean}_{i,j} \langle u^s_i, u^s_j\rangle^2
+           - 2\, \mathrm{mean}_{i,j} \langle u^s_i, u^t_j\rangle^2
+
+    Channel counts may differ. Includes the teacher-only term, as RepDistiller's
+    ``full_loss``.
+
+    Args:
+      student_feature: NHWC map ``[B, H, W, C_s]``.
+      teacher_feature: NHWC map ``[B, H, W, C_t]``.
+
+    Returns:
+      Per-example loss of shape ``[B]``.
+
+    References:
+      Huang & Wang, `Like What You Like: Knowledge Distill via Neuron
+      Selectivity Transfer <https://arxiv.org/abs/1707.01219>`_, 2017
+    """
+    s, t = _validated(
+        student_feature, teacher_feature, ("student_feature", "teacher_feature"),
+        match="batch", ndim=4)
+    _check_same_spatial(s, t)
+
+    def channels(f):  # [B, H, W, C] -> [B, C, HW], unit norm over space
+        f = f.reshape(f.shape[0], -1, f.shape[-1]).transpose(0, 2, 1)
+        return _l2_normalize(f, axis=-1)
+
+    u_s, u_t = channels(s), channels(t)
+
+    def poly_mean(a, b):
+        return jnp.mean(jnp.square(jnp.einsum("bik,bjk->bij", a, b)), axis=(1, 2))
+
+    return poly_mean(u_t, u_t) + poly_mean(u_s, u_s) - 2.0 * poly_mean(u_s, u_t)
+
+
+def similarity_preserving_loss(
+    student_feature: ArrayLike, teacher_feature: ArrayLike
+) -> jax.Array:
+    r"""Similarity-preserving KD: match row-normalised batch Gram matrices.
+
+    .. math::
+      G = F F^\top, \quad \tilde G_{i,:} = \frac{G_{i,:}}{\max(\|G_{i,:}\|_2, 10^{-12})},
+      \qquad \ell = \frac{1}{B^2} \|\tilde G^s - \tilde G^t\|_F^2
+
+    where :math:`F` is the feature flattened to ``[B, D]``; the feature sizes of
+    student and teacher may differ.
+
+    Args:
+      student_feature: student feature ``[B, ...]``.
+      teacher_feature: teacher feature ``[B, ...]``.
+
+    Returns:
+      Scalar loss.
+
+    References:
+      Tung & Mori, `Similarity-Preserving Knowledge Distillation
+      <https://arxiv.org/abs/1907.09682>`_, ICCV 2019
+    """
+    s, t = _validated(
+        student_feature, teacher_feature, ("student_feature", "teacher_feature"),
+        match="batch", min_ndim=2)
+    batch = s.shape[0]
+
+    def gram(f):
+        f = _flatten(f)
+        return _l2_normalize(f @ f.T, axis=1)
+
+    return jnp.sum(jnp.square(gram(s) - gram(t))) / batch**2
+
+
+def _rkd_terms(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean-normalised distance matrix ``[B, B]`` and angle tensor ``[B, B, B]``."""
+    batch = x.shape[0]
+    diff = x[None, :, :] - x[:, None, :]  # diff[i, j] = x_j - x_i
+    # Differences (not |x|^2 + |y|^2 - 2xy) avoid cancellation in float32.
+    sq = jnp.sum(jnp.square(diff), axis=-1)
+    off_diag = ~jnp.eye(batch, dtype=bool)
+    dist = jnp.where(off_diag, jnp.sqrt(jnp.maximum(sq, 1e-12)), 0.0)
+    dist = dist / (jnp.sum(dist) / (batch * (batch - 1)))
+    # The diagonal e_ii is 0 either way; masking it keeps the 1/eps slope of the
+    # normalisation at the zero vector out of the gradient.
+    e = jnp.where(off_diag[..., None], _l2_normalize(diff, axis=-1), 0.0)
+    angle = jnp.einsum("ijd,ikd->ijk", e, e)
+    return dist, angle
+
+
+def rkd_loss(
+    student_embedding: ArrayLike,
+    teacher_embedding: ArrayLike,
+    *,
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> jax.Array:
+    r"""Relational KD: match pairwise distances and triplet angles.
+
+    With :math:`d_{ij} = \|x_i - x_j\|` (squared distance clamped at
+    :math:`10^{-12}`, diagonal 0), :math:`\mu = \mathrm{mean}_{i \ne j} d_{ij}`,
+    :math:`e_{ij} = (x_j - x_i) / \max(\|x_j - x_i\|, 10^{-12})` and
+    :math:`\mathrm{sl1}` the Huber loss with :math:`\delta = 1`:
+
+    .. math::
+      \mathcal{L}_D = \frac{1}{B^2} \sum_{i,j}
+          \mathrm{sl1}\left(\frac{d^s_{ij}}{\mu^s} - \frac{d^t_{ij}}{\mu^t}\right),
+      \quad
+      \mathcal{L}_A = \frac{1}{B^3} \sum_{i,j,k}
+          \mathrm{sl1}\left(\langle e^s_{ij}, e^s_{ik}\rangle
+          - \langle e^t_{ij}, e^t_{ik}\rangle\right), \\
+      \ell = w_D \mathcal{L}_D + w_A \mathcal{L}_A
+
+    Means run over all :math:`B^2` / :math:`B^3` entries, as in RepDistiller.
+    RepDistiller computes the teacher side under ``no_grad``; this function is
+    pure and differentiates both sides, so stop gradients on the teacher at the
+    call site if it is ever differentiated. Memory is :math:`O(B^2 D + B^3)`.
+
+    Args:
+      student_embedding: student embedding ``[B, D_s]`` (extra axes are
+        flattened), ``B >= 2``.
+      teacher_embedding: teacher embedding ``[B, D_t]``.
+      distance_weight: :math:`w_D`.
+      angle_weight: :math:`w_A`.
+
+    Returns:
+      Scalar loss.
+
+    References:
+      Park et al., `Relational Knowledge Distillation
+      <https://arxiv.org/abs/1904.05068>`_, CVPR 2019
+    """
+    s, t = _validated(
+        student_embedding, teacher_embedding,
+        ("student_embedding", "teacher_embedding"), match="batch", min_ndim=2)
+    if s.shape[0] < 2:
+        raise ValueError(
+            f"`student_embedding` needs a batch of at least 2 examples for RKD, "
+            f"got shape {s.shape}; distances need pairs.")
+    d_s, a_s = _rkd_terms(_flatten(s))
+    d_t, a_t = _rkd_terms(_flatten(t))
+    dist_term = jnp.mean(_smooth_l1(d_s, d_t))
+    angle_term = jnp.mean(_smooth_l1(a_s, a_t))
+    return distance_weight * dist_term + angle_weight * angle_term
+
+
+def pkt_loss(student_embedding: ArrayLike, teacher_embedding: ArrayLike) -> jax.Array:
+    r"""Probabilistic knowledge transfer: match cosine-kernel conditional densities.
+
+    With rows normalised as :math:`\hat x = x / (\|x\| + \epsilon)` (NaN set to
+    0) and :math:`\epsilon = 10^{-7}`:
+
+    .. math::
+      K_{ij} = \frac{1 + \langle \hat x_i, \hat x_j\rangle}{2}, \quad
+      P_{ij} = \frac{K_{ij}}{\sum_k K_{ik}}, \qquad
+      \ell = \frac{1}{B^2} \sum_{i,j} P^t_{ij}
+          \log \frac{P^t_{ij} + \epsilon}{P^s_{ij} + \epsilon}
+
+    Embedding sizes of student and teacher may differ.
+
+    Args:
+      student_embedding: student embedding ``[B, D_s]`` (extra axes are
+        flattened).
+      teacher_embedding: teacher embedding ``[B, D_t]``.
+
+    Returns:
+      Scalar loss.
+
+    References:
+      Passalis & Tefas, `Learning Deep Representations with Probabilistic
+      Knowledge Transfer <https://arxiv.org/abs/1803.10837>`_, ECCV 2018
+    """
+    s, t = _validated(
+        student_embedding, teacher_embedding,
+        ("student_embedding", "teacher_embedding"), match="batch", min_ndim=2)
+    eps = 1e-7
+
+    def conditional(x):
+        x = _flatten(x)
+        x = x / (_safe_norm(x, axis=1, keepdims=True) + eps)
+        x = jnp.where(jnp.isnan(x), 0.0, x)
+        k = (x @ x.T + 1.0) / 2.0
+        return k / jnp.sum(k, axis=1, keepdims=True)
+
+    p_s, p_t = conditional(s), conditional(t)
+    return jnp.mean(p_t * (jnp.log(p_t + eps) - jnp.log(p_s + eps)))
