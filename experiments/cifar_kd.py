@@ -416,7 +416,7 @@ class Run:
                    "params": train.num_params(state.params),
                    "train_time_s": result.train_time_s, "epochs": c.teacher_epochs_,
                    "num_classes": self.num_classes, "dataset": c.dataset,
-                   "images_per_s": _mean([h["images_per_s"] for h in hist])}
+                   "images_per_s": _steady_rate(hist)}
         checkpoint.save_variables(final, variables, summary)  # every process takes part
         if self.jax.process_index() == 0:
             _write_json(os.path.join(tdir, "history.json"), hist)
@@ -521,7 +521,7 @@ class Run:
                                                if isinstance(state.params, dict)
                                                else state.params),
                     "train_time_s": result.train_time_s,
-                    "images_per_s": _mean([h["images_per_s"] for h in hist]),
+                    "images_per_s": _steady_rate(hist),
                     "students_in_pass": len(group), "history": hist})
             if self.jax.process_index() == 0:
                 _write_json(done, group_results)
@@ -556,8 +556,11 @@ def _eval_batch(requested: int, devices: int) -> int:
     return max(devices, requested // devices * devices)
 
 
-def _mean(xs):
-    return float(sum(xs) / len(xs)) if xs else float("nan")
+def _steady_rate(hist):
+    """Training images/s per student: the median epoch after the first (which compiles)."""
+    import statistics
+    rates = [h["images_per_s"] for h in hist]
+    return float(statistics.median(rates[1:] if len(rates) > 1 else rates))
 
 
 # ---------------------------------------------------------------------- reports
@@ -617,11 +620,13 @@ def plot_curves(path: str, teacher_hist: list[dict] | None, students: list[dict]
                     marker="o", markersize=3)
         ax_loss.plot(epochs, [h["train_loss"] for h in hist], label=label, color=color,
                      marker="o", markersize=3)
+    from matplotlib.ticker import MaxNLocator
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="training loss (objective)", title="Training loss",
                 yscale="log")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

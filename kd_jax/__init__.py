@@ -1,0 +1,72 @@
+"""kd_jax: knowledge distillation in JAX/Flax.
+
+Modules (imports flow one way: loop -> train -> objectives -> losses/models; data, parallel
+and checkpoint stand alone):
+
+- :mod:`kd_jax.losses` — pure, jittable distillation losses (Hinton KD, DKD, DIST, FitNets,
+  AT, SP, RKD, PKT, LS-KD, NST).
+- :mod:`kd_jax.models` — Flax CIFAR ResNets, wide ResNets, ResNet-18/34 and more, with
+  features.
+- :mod:`kd_jax.data` — TFDS CIFAR-10/100 arrays, a cached decode, on-device augmentation,
+  sharded batches.
+- :mod:`kd_jax.objectives` — a distillation objective as configuration; method presets.
+- :mod:`kd_jax.train` — the train state, optimisers, and the supervised, distillation and
+  evaluation steps (K students per step).
+- :mod:`kd_jax.loop` — the epoch loop with logging, checkpoints and exact resume.
+- :mod:`kd_jax.parallel` — the ``("data",)`` mesh, shardings, multi-host start-up.
+- :mod:`kd_jax.checkpoint` — Orbax checkpoints.
+"""
+
+from kd_jax import checkpoint, data, losses, loop, models, objectives, parallel, train
+from kd_jax.losses import (
+    attention_transfer_loss,
+    distillation_loss,
+    dist_loss,
+    dkd_loss,
+    hint_loss,
+    lskd_loss,
+    nst_loss,
+    pkt_loss,
+    rkd_loss,
+    similarity_preserving_loss,
+    soft_target_cross_entropy,
+    soft_target_kl,
+    tempered_log_softmax,
+    tempered_softmax,
+)
+from kd_jax.objectives import METHODS, Objective
+from kd_jax.train import OptimConfig, TrainState, distill_step, eval_step, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Objective",
+    "OptimConfig",
+    "TrainState",
+    "attention_transfer_loss",
+    "checkpoint",
+    "data",
+    "distill_step",
+    "distillation_loss",
+    "dist_loss",
+    "dkd_loss",
+    "eval_step",
+    "hint_loss",
+    "loop",
+    "losses",
+    "lskd_loss",
+    "models",
+    "nst_loss",
+    "objectives",
+    "parallel",
+    "pkt_loss",
+    "rkd_loss",
+    "similarity_preserving_loss",
+    "soft_target_cross_entropy",
+    "soft_target_kl",
+    "tempered_log_softmax",
+    "tempered_softmax",
+    "train",
+    "train_step",
+]

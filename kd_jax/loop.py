@@ -11,7 +11,6 @@ so an interrupted run continues bit-identically.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kd_jax import data, parallel, train
+from kd_jax import data, train
 from kd_jax.checkpoint import Checkpointer
 from kd_jax.objectives import Objective
 
@@ -158,17 +157,22 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                 t_interval, interval_start, pending = now, step, []
                 lr = float(lr_fn(step - 1)) if lr_fn is not None else None
                 for i, name in enumerate(names):
-                    log({"phase": phase, "student": name, "epoch": epoch + 1, "step": step,
-                         "loss": float(losses[:, i].mean()), "accuracy": float(accs[:, i].mean()),
-                         "lr": lr, "images_per_s": rate})
+                    log({"kind": "step", "phase": phase, "student": name, "epoch": epoch + 1,
+                         "step": step, "loss": float(losses[:, i].mean()),
+                         "accuracy": float(accs[:, i].mean()), "lr": lr,
+                         "images_per_s": rate})
                 bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {losses.mean():.3f} "
                                     f"acc {accs.mean():.3f} {rate:.0f} img/s")
             epoch_time = time.perf_counter() - t_epoch
             train_time += epoch_time
             results = evaluate(states)
             for i, name in enumerate(names):
-                record = {"phase": phase, "student": name, "epoch": epoch + 1, "step": step,
-                          "train_loss": float(sums[0, i] / max(seen, 1)),
+                train_loss = float(sums[0, i] / max(seen, 1))
+                # "loss"/"accuracy" of an epoch record: the epoch's mean training loss and
+                # the test accuracy after it.
+                record = {"kind": "epoch", "phase": phase, "student": name,
+                          "epoch": epoch + 1, "step": step, "loss": train_loss,
+                          "accuracy": results[i]["test_accuracy"], "train_loss": train_loss,
                           "train_accuracy": float(sums[1, i] / max(seen, 1)),
                           **results[i], "epoch_time_s": epoch_time,
                           "images_per_s": seen * loader.batch_size / epoch_time}

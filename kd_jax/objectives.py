@@ -1,6 +1,6 @@
 """Distillation objectives as configuration: a logit term plus weighted feature terms.
 
-An :class:`Objective` says what a student minimises; :func:`objectiveloss` evaluates it on
+An :class:`Objective` says what a student minimises; :func:`objective_loss` evaluates it on
 the student's and the teacher's outputs. :data:`METHODS` holds the presets the experiment's
 ``--method`` names, with the CRD benchmark's weights (Tian et al. 2020, RepDistiller
 ``train_student.py`` and ``scripts/run_cifar_distill.sh``; DKD from mdistiller's CIFAR
@@ -30,7 +30,7 @@ import optax
 
 from kd_jax import losses
 
-__all__ = ["METHODS", "Objective", "WithHintRegressor", "from_method", "objectiveloss",
+__all__ = ["METHODS", "Objective", "WithHintRegressor", "from_method", "objective_loss",
            "prepare_student"]
 
 LOGIT_TERMS = ("none", "kd", "dkd", "dist")

@@ -1,13 +1,11 @@
 """Tests for kd_jax/data.py and kd_jax/parallel.py (one CPU device; one 4-device subprocess)."""
 
-import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
-import types
 from pathlib import Path
 
 import chex
@@ -16,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from kd_jax import data, parallel
+from fake_tfds import FakeSource, fake_as_data_source, fake_example
 
 SHARED_TFDS = Path(__file__).resolve().parents[1].parent / "shared" / "tfds"
 FAKE_SIZES = {"train": 60, "test": 30}
@@ -26,50 +24,8 @@ FAKE_SIZES = {"train": 60, "test": 30}
 
 # ------------------------------------------------------------------ a fake TFDS source
 
-
-def _fake_example(dataset: str, split: str, index: int) -> dict:
-    rng = np.random.default_rng([len(dataset), len(split), index])
-    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    label = int(rng.integers(0, data.num_classes(dataset)))
-    return {"image": image, "label": label, "coarse_label": label // 5, "id": b"x"}
-
-
-class _FakeSource:
-    """What ``builder.as_data_source(split, decoders={"image": SkipDecoding()})`` returns.
-
-    TFDS 4.9.10's ``mock_data`` generator cannot encode images without TensorFlow and its
-    mocked source lacks a working ``__getitems__``; this one serves PNG bytes like the real one.
-    """
-
-    reads = 0  # Examples read by all fake sources, to tell cache hits from decodes.
-
-    def __init__(self, dataset, split):
-        sizes = {name: types.SimpleNamespace(num_examples=n) for name, n in FAKE_SIZES.items()}
-        spans = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
-        self._keys = [(s.splitname, i) for s in spans
-                      for i in range(FAKE_SIZES[s.splitname])[s.from_:s.to]]
-        self._dataset = dataset
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __getitems__(self, keys):
-        type(self).reads += len(keys)
-        out = []
-        for k in keys:
-            example = dict(_fake_example(self._dataset, *self._keys[k]))
-            buffer = io.BytesIO()
-            Image.fromarray(example["image"]).save(buffer, format="PNG")
-            example["image"] = buffer.getvalue()
-            if self._dataset == "cifar10":
-                del example["coarse_label"]
-            out.append(example)
-        return out
-
-
-def _fake_as_data_source(builder, split=None, *, decoders=None, **kwargs):
-    assert decoders is not None  # load_arrays asks for the encoded image bytes
-    return _FakeSource(builder.name, split)
+_FakeSource = FakeSource
+_fake_example = fake_example
 
 
 def _expected(dataset, split_name, indices):
@@ -80,7 +36,7 @@ def _expected(dataset, split_name, indices):
 
 @pytest.fixture
 def fake_tfds():
-    with tfds.testing.mock_data(as_data_source_fn=_fake_as_data_source):
+    with tfds.testing.mock_data(as_data_source_fn=fake_as_data_source(FAKE_SIZES)):
         yield
 
 

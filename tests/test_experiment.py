@@ -1,0 +1,202 @@
+"""experiments/cifar_kd.py: the smoke preset end to end, resume, errors, the outputs."""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tensorflow_datasets as tfds
+
+from fake_tfds import fake_as_data_source
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "cifar_kd.py"
+SHARED_TFDS = ROOT.parent / "shared" / "tfds"
+
+spec = importlib.util.spec_from_file_location("cifar_kd", SCRIPT)
+cifar_kd = importlib.util.module_from_spec(spec)
+sys.modules["cifar_kd"] = cifar_kd  # dataclasses look their module up
+spec.loader.exec_module(cifar_kd)
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    with tfds.testing.mock_data(
+            as_data_source_fn=fake_as_data_source({"train": 1000, "test": 500}, balanced=True)):
+        yield tmp_path_factory.mktemp("tfds")
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def smoke_run(fake_cifar, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir", str(workdir),
+            "--no-progress"]
+    assert cifar_kd.main(argv) == 0
+    return workdir, argv
+
+
+def test_smoke_preset_writes_all_four_outputs(smoke_run):
+    workdir, _ = smoke_run
+    for name in ("results.json", "results.md", "metrics.jsonl", "curves.png"):
+        assert (workdir / name).stat().st_size > 0, name
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_json_schema(smoke_run):
+    workdir, _ = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["dataset"] == "cifar10"
+    assert set(results["teacher"]) >= {"arch", "test_accuracy", "params", "train_time_s"}
+    assert results["teacher"]["arch"] == "resnet14"
+    assert results["config"]["teacher"] == "resnet14" and results["config"]["epochs"] == 2
+    students = results["students"]
+    assert {s["method"] for s in students} == {"none", "kd"}
+    for s in students:
+        assert set(s) >= {"arch", "method", "seed", "test_accuracy", "best_test_accuracy",
+                          "params", "train_time_s", "images_per_s"}
+        assert 0.0 <= s["test_accuracy"] <= s["best_test_accuracy"] <= 1.0
+        assert s["arch"] == "resnet8" and s["params"] > 70_000
+        assert s["train_time_s"] > 0 and s["images_per_s"] > 0
+    table = (workdir / "results.md").read_text()
+    assert "| baseline (none) | resnet8 |" in table and "| kd | resnet8 |" in table
+
+
+def test_metrics_jsonl_has_steps_and_epochs_of_every_phase(smoke_run):
+    workdir, _ = smoke_run
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    phases = {r["phase"] for r in records}
+    assert phases == {"teacher", "students1"}
+    for r in records:
+        assert {"phase", "epoch", "step", "loss", "accuracy"} <= set(r)
+    teacher_epochs = [r for r in records if r["phase"] == "teacher" and "test_accuracy" in r]
+    assert [r["epoch"] for r in teacher_epochs] == [1, 2, 3]
+    steps = [r for r in records if r["phase"] == "teacher" and "lr" in r]
+    assert steps and all(r["lr"] > 0 for r in steps)
+
+
+def test_rerunning_a_finished_run_prints_the_table_at_once(smoke_run, capsys):
+    workdir, argv = smoke_run
+    before = (workdir / "metrics.jsonl").read_text()
+    start = time.perf_counter()
+    assert cifar_kd.main(argv) == 0
+    assert time.perf_counter() - start < 2.0
+    out = capsys.readouterr().out
+    assert "stored results" in out and "| kd | resnet8 |" in out
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_resume_skips_finished_phases(smoke_run, tmp_path, capsys):
+    workdir, argv = smoke_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    before = json.loads((copy / "results.json").read_text())
+    # Interrupted after the last student checkpoint, before the phase was marked done.
+    os.remove(copy / "results.json")
+    for done in glob.glob(str(copy / "students_*" / "result.json")):
+        os.remove(done)
+    argv = [a if a != str(workdir) else str(copy) for a in argv]
+    assert cifar_kd.main(argv) == 0
+    log = (copy / "log.txt").read_text()
+    assert "already trained" in log
+    after = json.loads((copy / "results.json").read_text())
+    assert [s["test_accuracy"] for s in after["students"]] == \
+        [s["test_accuracy"] for s in before["students"]]
+
+
+def test_teacher_checkpoint_is_reused_and_checked(smoke_run, tmp_path, capsys):
+    workdir, argv = smoke_run
+    (final,) = glob.glob(str(workdir / "teacher_*" / "final"))
+    base = ["--preset", "smoke", "--data-dir", argv[3], "--no-progress",
+            "--teacher-checkpoint", final]
+    code = cifar_kd.main([*base, "--workdir", str(tmp_path / "w"), "--teacher", "resnet8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "resnet14" in err and "resnet8" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "resnet999"], "unknown teacher architecture 'resnet999'"),
+    (["--method", "kd,foo"], "unknown method foo"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--workdir", "/proc/kd_jax_cannot_write_here"], "is not writable"),
+])
+def test_mistakes_end_with_one_clear_line(args, message, capsys, tmp_path):
+    argv = ["--preset", "smoke", "--workdir", str(tmp_path / "w"), *args]
+    assert cifar_kd.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_unknown_dataset_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as info:
+        cifar_kd.main(["--dataset", "mnist"])
+    assert info.value.code == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+def test_batch_larger_than_subset(fake_cifar, tmp_path, capsys):
+    argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir", str(tmp_path),
+            "--batch-size", "2000"]
+    assert cifar_kd.main(argv) == 2
+    assert "--batch-size 2000 is larger than the 1000 training images" in capsys.readouterr().err
+
+
+def test_missing_data_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
+    def offline(self, *args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    argv = ["--preset", "smoke", "--data-dir", str(tmp_path / "empty"), "--workdir",
+            str(tmp_path / "w")]
+    assert cifar_kd.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "TFDS_DATA_DIR" in err and "cifar10" in err
+
+
+def test_batch_not_divisible_by_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--batch-size", "30",
+                           "--workdir", "/tmp/kd_jax_divisibility_test"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "batch size 30 is not divisible by the 4 devices" in proc.stderr
+
+
+def test_help_lists_every_option_with_its_default():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ["--dataset", "--data-dir", "--workdir", "--teacher", "--student", "--method",
+                 "--epochs", "--teacher-epochs", "--batch-size", "--lr", "--seed", "--seeds",
+                 "--train-subset", "--teacher-checkpoint", "--preset",
+                 "--max-parallel-students"]:
+        assert flag in proc.stdout, flag
+    assert "default" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_TFDS.exists(), reason="../shared/tfds is not present")
+def test_smoke_preset_on_real_cifar10(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--data-dir",
+                           str(SHARED_TFDS), "--workdir", str(tmp_path), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    # 1,000 real images, 3 epochs: the teacher is far better than chance (10%).
+    assert results["teacher"]["test_accuracy"] > 0.15
+    assert "| kd | resnet8 |" in proc.stdout
