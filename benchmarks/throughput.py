@@ -1,0 +1,290 @@
+"""Throughput of kd_jax's compiled steps on all local devices, beside a straightforward step.
+
+    python benchmarks/throughput.py                                  # resnet56 -> resnet20
+    python benchmarks/throughput.py --students 4 --compare-single    # K students, one teacher pass
+    python benchmarks/throughput.py --epoch-check                    # loop overhead vs step time
+
+Times each compiled step after a warm-up, with ``block_until_ready``, as the median over
+``--repeats`` blocks of ``--steps`` steps. The library's distillation step and a
+straightforward Flax step (teacher ``apply`` + student ``value_and_grad`` + optax SGD under one
+``jax.jit``, nothing else: no augmentation, no metrics) run in alternating blocks, so their
+ratio holds when the machine's speed drifts. Batches are synthetic (random uint8 images).
+
+Prints a table and, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from kd_jax import data, loop, losses, models, objectives, parallel, train  # noqa: E402
+
+CIFAR10_TRAIN = 50_000
+
+
+def parse_args(argv=None):
+    on_accelerator = jax.devices()[0].platform != "cpu"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="resnet56")
+    p.add_argument("--student", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks (the median is kept)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   default="bfloat16" if on_accelerator else "float32",
+                   help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--method", default="kd", choices=sorted(objectives.METHODS))
+    p.add_argument("--students", type=int, default=1,
+                   help="K students distilled in one step (student images/s = K x batch / time)")
+    p.add_argument("--students-impl", choices=["loop", "vmap"], default="loop",
+                   help="K students as K graphs in one jit (loop) or one vmapped update")
+    p.add_argument("--compare-single", action="store_true",
+                   help="also time one student alone: the K-pass vs K separate runs ratio")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the straightforward step (and the paired ratio)")
+    p.add_argument("--epoch-check", action="store_true",
+                   help="run the experiment's epoch loop over --epoch-steps steps and compare "
+                        "its time with steps x step time")
+    p.add_argument("--epoch-steps", type=int, default=30)
+    return p.parse_args(argv)
+
+
+def _timed(step, carry, steps):
+    """Seconds per step of ``carry = step(carry)`` over ``steps`` steps (already compiled)."""
+    jax.block_until_ready(carry)
+    start = time.perf_counter()
+    for _ in range(steps):
+        carry = step(carry)
+    jax.block_until_ready(carry)
+    return carry, (time.perf_counter() - start) / steps
+
+
+def _compile_seconds(jitted, *args):
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.mesh = parallel.make_mesh()
+        parallel.check_batch_size(args.batch_size, self.mesh)
+        dtype = jnp.dtype(args.dtype)
+        self.teacher = models.create(args.teacher, num_classes=10, dtype=dtype)
+        self.student = models.create(args.student, num_classes=10, dtype=dtype)
+        rng = np.random.default_rng(0)
+        b = args.batch_size
+        images = rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, b).astype(np.int32)
+        shard = parallel.batch_sharding(self.mesh)
+        self.batch = {"image": jax.device_put(images, shard),
+                      "label": jax.device_put(labels, shard)}
+        self.float_images = jax.device_put(
+            np.asarray(data.normalize(jnp.asarray(images), dataset="cifar10")), shard)
+        self.steps_per_epoch = CIFAR10_TRAIN // b
+        self.tx = train.make_optimizer(train.OptimConfig(lr=0.05), batch_size=b,
+                                       steps_per_epoch=self.steps_per_epoch, epochs=240)
+        tvars = self.teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+        self.tvars = loop.replicate({"params": tvars["params"],
+                                     "batch_stats": tvars["batch_stats"]}, self.mesh)
+        self.objective = objectives.from_method(args.method)
+
+    def students(self, k):
+        model = objectives.prepare_student(self.student, self.objective, self.teacher)
+        return loop.replicate(tuple(
+            train.create_train_state(model, self.tx, init_seed=i, data_seed=0)
+            for i in range(k)), self.mesh)
+
+    def library_distill(self, k, impl):
+        """(step: carry -> carry, carry, compile seconds) for the library's K-student step."""
+        states = self.students(k)
+        if impl == "vmap":
+            from functools import partial
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            fn = jax.jit(partial(train.distill_step_vmap, objective=self.objective,
+                                 teacher_apply=self.teacher.apply, dataset="cifar10",
+                                 steps_per_epoch=self.steps_per_epoch),
+                         donate_argnums=0, out_shardings=NamedSharding(self.mesh, P()))
+            states = loop.replicate(train.stack_states(states), self.mesh)
+        else:
+            fn = loop.make_distill_step(self.mesh, objectives=[self.objective] * k,
+                                        teacher_apply=self.teacher.apply, dataset="cifar10",
+                                        steps_per_epoch=self.steps_per_epoch)
+        compiled, seconds = _compile_seconds(fn, states, self.tvars, self.batch)
+        return (lambda s: compiled(s, self.tvars, self.batch)[0]), states, seconds
+
+    def library_train(self):
+        states = self.students(1)
+        fn = loop.make_supervised_step(self.mesh, dataset="cifar10")
+        compiled, _ = _compile_seconds(fn, states, self.batch)
+        return (lambda s: compiled(s, self.batch)[0]), states
+
+    def straightforward_distill(self):
+        """Teacher apply + student value_and_grad + optax under one jit, nothing else."""
+        teacher, student, tx = self.teacher, self.student, self.tx
+        temperature, alpha = 4.0, 0.9
+
+        def step(carry, tvars, images, labels):
+            params, batch_stats, opt_state = carry
+            t_logits = teacher.apply(tvars, images, train=False)
+
+            def loss_fn(p):
+                logits, updates = student.apply({"params": p, "batch_stats": batch_stats},
+                                                images, train=True, mutable=["batch_stats"])
+                loss = losses.distillation_loss(logits, t_logits, labels,
+                                                temperature=temperature, alpha=alpha).mean()
+                return loss, updates["batch_stats"]
+
+            (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_stats, opt_state
+
+        v = student.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)
+        carry = loop.replicate((v["params"], v["batch_stats"], tx.init(v["params"])), self.mesh)
+        fn = jax.jit(step, donate_argnums=0)
+        labels = self.batch["label"]
+        compiled, _ = _compile_seconds(fn, carry, self.tvars, self.float_images, labels)
+        return (lambda c: compiled(c, self.tvars, self.float_images, labels)), carry
+
+    def teacher_forward(self):
+        fn = jax.jit(lambda v, x: self.teacher.apply(v, x, train=False))
+        compiled, _ = _compile_seconds(fn, self.tvars, self.float_images)
+        return (lambda _: compiled(self.tvars, self.float_images)), None
+
+
+def measure_pair(a, b, steps, repeats):
+    """Alternating blocks of A and B; per-block seconds/step of each."""
+    (step_a, carry_a), (step_b, carry_b) = a, b
+    carry_a, _ = _timed(step_a, carry_a, 2)  # warm-up
+    carry_b, _ = _timed(step_b, carry_b, 2)
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        carry_a, ta = _timed(step_a, carry_a, steps)
+        carry_b, tb = _timed(step_b, carry_b, steps)
+        times_a.append(ta)
+        times_b.append(tb)
+    return times_a, times_b
+
+
+def measure(fn_carry, steps, repeats):
+    step, carry = fn_carry
+    carry, _ = _timed(step, carry, 2)
+    times = []
+    for _ in range(repeats):
+        carry, t = _timed(step, carry, steps)
+        times.append(t)
+    return times
+
+
+def epoch_check(bench, step_seconds):
+    """Runs loop.fit for two epochs of ``--epoch-steps`` steps; the second epoch's training
+    time (evaluation excluded) against steps x the measured step time."""
+    args = bench.args
+    n = args.epoch_steps * args.batch_size
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    loader = data.TrainLoader(images, labels, batch_size=args.batch_size, seed=0,
+                              mesh=bench.mesh)
+    k = args.students
+    states = bench.students(k)
+    step = loop.make_distill_step(bench.mesh, objectives=[bench.objective] * k,
+                                  teacher_apply=bench.teacher.apply, dataset="cifar10",
+                                  steps_per_epoch=loader.steps_per_epoch)
+    evaluate = loop.make_evaluator(bench.mesh, images=images[:args.batch_size],
+                                   labels=labels[:args.batch_size],
+                                   batch_size=args.batch_size, dataset="cifar10")
+    result = loop.fit(states, lambda s, b: step(s, bench.tvars, b), loader=loader, epochs=2,
+                      evaluate=evaluate, names=[f"s{i}" for i in range(k)], phase="bench",
+                      progress=False, log_every=50)
+    epoch_time = result.history[0][1]["epoch_time_s"]
+    return epoch_time, epoch_time / (loader.steps_per_epoch * step_seconds)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    bench = Bench(args)
+    k, b = args.students, args.batch_size
+    device = jax.devices()[0]
+    rows = []
+    out = {"device_kind": device.device_kind, "devices": jax.device_count(),
+           "teacher": args.teacher, "student": args.student, "batch_size": b,
+           "dtype": args.dtype, "method": args.method, "students": k,
+           "students_impl": args.students_impl}
+
+    step_fn, states, compile_s = bench.library_distill(k, args.students_impl)
+    if args.no_baseline:
+        lib_times = measure((step_fn, states), args.steps, args.repeats)
+    else:
+        lib_times, base_times = measure_pair((step_fn, states), bench.straightforward_distill(),
+                                             args.steps, args.repeats)
+        ratios = [tb / tl for tl, tb in zip(lib_times, base_times)]
+        base = statistics.median(base_times)
+        rows.append(("straightforward distill step (1 student)", base, b / base))
+        out["straightforward_step_images_per_s"] = b / base
+        out["library_vs_straightforward_speedup"] = statistics.median(ratios)
+        out["speedup_min_max"] = [min(ratios), max(ratios)]
+    lib = statistics.median(lib_times)
+    rows.append((f"kd_jax distill step ({k} student{'s' if k > 1 else ''}, {args.students_impl})",
+                 lib, k * b / lib))
+    out["distill_step_images_per_s"] = k * b / lib
+    out["distill_step_compile_s"] = compile_s
+
+    if args.compare_single and k > 1:
+        single_fn, single_states, single_compile = bench.library_distill(1, "loop")
+        single = statistics.median(measure((single_fn, single_states), args.steps, args.repeats))
+        rows.append(("kd_jax distill step (1 student)", single, b / single))
+        out["single_student_step_s"] = single
+        out["k_pass_vs_separate_runs"] = lib / (k * single)
+        out["single_compile_s"] = single_compile
+
+    train_times = measure(bench.library_train(), args.steps, args.repeats)
+    t_train = statistics.median(train_times)
+    rows.append((f"kd_jax train step ({args.student}, labels only)", t_train, b / t_train))
+    out["train_step_images_per_s"] = b / t_train
+
+    fwd = statistics.median(measure(bench.teacher_forward(), args.steps, args.repeats))
+    rows.append((f"teacher forward ({args.teacher}, inference)", fwd, b / fwd))
+    out["teacher_forward_images_per_s"] = b / fwd
+    out["epoch_seconds_estimate"] = bench.steps_per_epoch * lib
+
+    if args.epoch_check:
+        epoch_time, ratio = epoch_check(bench, lib)
+        out["epoch_check_seconds"] = epoch_time
+        out["epoch_vs_steps_x_step_time"] = ratio
+
+    print(f"{device.device_kind} x {jax.device_count()}, {args.dtype}, batch {b}, "
+          f"{args.teacher} -> {args.student}, method {args.method}")
+    print(f"{'step':<52} {'ms/step':>9} {'images/s':>10}")
+    for name, seconds, rate in rows:
+        print(f"{name:<52} {1e3 * seconds:>9.1f} {rate:>10.1f}")
+    if "library_vs_straightforward_speedup" in out:
+        lo, hi = out["speedup_min_max"]
+        print(f"library / straightforward speed: {out['library_vs_straightforward_speedup']:.3f}x "
+              f"(median of {args.repeats} paired blocks; min {lo:.3f}, max {hi:.3f})")
+    if "k_pass_vs_separate_runs" in out:
+        print(f"{k}-student pass / {k} separate runs: {out['k_pass_vs_separate_runs']:.3f} "
+              f"(compile {compile_s:.1f}s vs {out['single_compile_s']:.1f}s)")
+    if "epoch_vs_steps_x_step_time" in out:
+        print(f"epoch loop / (steps x step time): {out['epoch_vs_steps_x_step_time']:.3f}")
+    print(f"epoch estimate (CIFAR-10, {bench.steps_per_epoch} steps): "
+          f"{out['epoch_seconds_estimate']:.0f}s")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
