@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help="run the experiment's epoch loop over --epoch-steps steps and compare "
                         "its time with steps x step time")
     p.add_argument("--epoch-steps", type=int, default=30)
+    p.add_argument("--sweep", default=None,
+                   help="comma list of K (e.g. 1,2,4,8): time a K-student pass for each K "
+                        "against K separate single-student steps, with compile times")
     return p.parse_args(argv)
 
 
@@ -112,18 +115,9 @@ class Bench:
     def library_distill(self, k, impl):
         """(step: carry -> carry, carry, compile seconds) for the library's K-student step."""
         states = self.students(k)
-        if impl == "vmap":
-            from functools import partial
-            from jax.sharding import NamedSharding, PartitionSpec as P
-            fn = jax.jit(partial(train.distill_step_vmap, objective=self.objective,
-                                 teacher_apply=self.teacher.apply, dataset="cifar10",
-                                 steps_per_epoch=self.steps_per_epoch),
-                         donate_argnums=0, out_shardings=NamedSharding(self.mesh, P()))
-            states = loop.replicate(train.stack_states(states), self.mesh)
-        else:
-            fn = loop.make_distill_step(self.mesh, objectives=[self.objective] * k,
-                                        teacher_apply=self.teacher.apply, dataset="cifar10",
-                                        steps_per_epoch=self.steps_per_epoch)
+        fn = loop.make_distill_step(self.mesh, objectives=[self.objective] * k,
+                                    teacher_apply=self.teacher.apply, dataset="cifar10",
+                                    steps_per_epoch=self.steps_per_epoch, impl=impl)
         compiled, seconds = _compile_seconds(fn, states, self.tvars, self.batch)
         return (lambda s: compiled(s, self.tvars, self.batch)[0]), states, seconds
 
@@ -215,6 +209,36 @@ def epoch_check(bench, step_seconds):
     return epoch_time, epoch_time / (loader.steps_per_epoch * step_seconds)
 
 
+def sweep(bench, ks, out):
+    """K-student passes against K separate runs (K x the one-student step), per K."""
+    args = bench.args
+    b = args.batch_size
+    rows = []
+    single = None
+    for k in sorted(set([1] + ks)):
+        step_fn, states, compile_s = bench.library_distill(k, args.students_impl)
+        t = statistics.median(measure((step_fn, states), args.steps, args.repeats))
+        single = t if k == 1 else single
+        rows.append({"students": k, "step_s": t, "compile_s": compile_s,
+                     "student_images_per_s": k * b / t,
+                     "ratio_vs_separate_runs": t / (k * single)})
+    print(f"{jax.devices()[0].device_kind} x {jax.device_count()}, {args.dtype}, batch {b}, "
+          f"{args.teacher} -> {args.student}, method {args.method}, {args.students_impl}")
+    print(f"{'K':>3} {'s/step':>8} {'student img/s':>14} {'vs K separate runs':>19} "
+          f"{'compile s':>10}")
+    for r in rows:
+        print(f"{r['students']:>3} {r['step_s']:>8.3f} {r['student_images_per_s']:>14.1f} "
+              f"{r['ratio_vs_separate_runs']:>19.3f} {r['compile_s']:>10.1f}")
+    last = rows[-1]
+    t_train = statistics.median(measure(bench.library_train(), args.steps, args.repeats))
+    fwd = statistics.median(measure(bench.teacher_forward(), args.steps, args.repeats))
+    out.update(train_step_images_per_s=b / t_train, teacher_forward_images_per_s=b / fwd)
+    out.update(sweep=rows, students=last["students"],
+               distill_step_images_per_s=last["student_images_per_s"],
+               epoch_seconds_estimate=bench.steps_per_epoch * last["step_s"])
+    print(json.dumps(out))
+
+
 def main(argv=None):
     args = parse_args(argv)
     bench = Bench(args)
@@ -226,6 +250,9 @@ def main(argv=None):
            "dtype": args.dtype, "method": args.method, "students": k,
            "students_impl": args.students_impl}
 
+    if args.sweep:
+        sweep(bench, [int(x) for x in args.sweep.split(",")], out)
+        return
     step_fn, states, compile_s = bench.library_distill(k, args.students_impl)
     if args.no_baseline:
         lib_times = measure((step_fn, states), args.steps, args.repeats)
