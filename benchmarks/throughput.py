@@ -53,6 +53,8 @@ def parse_args(argv=None):
                    help="K students as K graphs in one jit (loop) or one vmapped update")
     p.add_argument("--compare-single", action="store_true",
                    help="also time one student alone: the K-pass vs K separate runs ratio")
+    p.add_argument("--no-fold-teacher", action="store_true",
+                   help="run the library's teacher without folding BatchNorm into its convs")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the straightforward step (and the paired ratio)")
     p.add_argument("--epoch-check", action="store_true",
@@ -105,6 +107,9 @@ class Bench:
         self.tvars = loop.replicate({"params": tvars["params"],
                                      "batch_stats": tvars["batch_stats"]}, self.mesh)
         self.objective = objectives.from_method(args.method)
+        # As the experiment does: the frozen teacher runs with BatchNorm folded into its convs.
+        self.teacher_apply = (self.teacher.apply if args.no_fold_teacher
+                              else models.folded_apply(self.teacher))
 
     def students(self, k):
         model = objectives.prepare_student(self.student, self.objective, self.teacher)
@@ -116,7 +121,7 @@ class Bench:
         """(step: carry -> carry, carry, compile seconds) for the library's K-student step."""
         states = self.students(k)
         fn = loop.make_distill_step(self.mesh, objectives=[self.objective] * k,
-                                    teacher_apply=self.teacher.apply, dataset="cifar10",
+                                    teacher_apply=self.teacher_apply, dataset="cifar10",
                                     steps_per_epoch=self.steps_per_epoch, impl=impl)
         compiled, seconds = _compile_seconds(fn, states, self.tvars, self.batch)
         return (lambda s: compiled(s, self.tvars, self.batch)[0]), states, seconds
@@ -154,8 +159,9 @@ class Bench:
         compiled, _ = _compile_seconds(fn, carry, self.tvars, self.float_images, labels)
         return (lambda c: compiled(c, self.tvars, self.float_images, labels)), carry
 
-    def teacher_forward(self):
-        fn = jax.jit(lambda v, x: self.teacher.apply(v, x, train=False))
+    def teacher_forward(self, folded=False):
+        apply = models.folded_apply(self.teacher) if folded else self.teacher.apply
+        fn = jax.jit(lambda v, x: apply(v, x, train=False))
         compiled, _ = _compile_seconds(fn, self.tvars, self.float_images)
         return (lambda _: compiled(self.tvars, self.float_images)), None
 
@@ -284,9 +290,14 @@ def main(argv=None):
     rows.append((f"kd_jax train step ({args.student}, labels only)", t_train, b / t_train))
     out["train_step_images_per_s"] = b / t_train
 
-    fwd = statistics.median(measure(bench.teacher_forward(), args.steps, args.repeats))
+    fwd, fwd_folded = measure_pair(bench.teacher_forward(), bench.teacher_forward(folded=True),
+                                   args.steps, args.repeats)
+    fwd, fwd_folded = statistics.median(fwd), statistics.median(fwd_folded)
     rows.append((f"teacher forward ({args.teacher}, inference)", fwd, b / fwd))
+    rows.append((f"teacher forward ({args.teacher}, BatchNorm folded)", fwd_folded,
+                 b / fwd_folded))
     out["teacher_forward_images_per_s"] = b / fwd
+    out["teacher_forward_folded_images_per_s"] = b / fwd_folded
     out["epoch_seconds_estimate"] = bench.steps_per_epoch * lib
 
     if args.epoch_check:

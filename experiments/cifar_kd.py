@@ -460,7 +460,7 @@ class Run:
 
     # -- phase 2
     def student_phase(self, teacher_summary: dict) -> list[dict]:
-        from kd_jax import checkpoint, loop, objectives, train
+        from kd_jax import checkpoint, loop, models, objectives, train
         c = self.c
         jobs = student_jobs(c)
         results = []
@@ -496,8 +496,10 @@ class Run:
                                                        data_seed=c.seed))
             states = loop.replicate(tuple(states), self.mesh)
             if any(o.needs_teacher for o in objs):
+                # The frozen teacher runs with its BatchNorm folded into its convolutions.
                 step = loop.make_distill_step(self.mesh, objectives=objs,
-                                              teacher_apply=teacher.apply, dataset=c.dataset,
+                                              teacher_apply=models.folded_apply(teacher),
+                                              dataset=c.dataset,
                                               steps_per_epoch=loader.steps_per_epoch)
                 tvars = self.teacher_variables
                 step_fn = lambda s, b: step(s, tvars, b)  # noqa: E731

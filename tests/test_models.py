@@ -362,3 +362,31 @@ def test_tiny_model_overfits_random_examples(family):
             assert not dead, f"parameters without gradient: {dead}"
     assert losses[0] > 2.0, losses[0]  # chance level is ln(10) = 2.3
     assert losses[-1] < 0.1 and acc == 1.0, (losses[-1], acc)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1"])
+def test_folded_batch_norm_inference_matches_the_model(name):
+    model = models.create(name, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    # Non-trivial running statistics and affine parameters.
+    perturb = lambda tree, k: jax.tree.map(  # noqa: E731
+        lambda a: a + 0.5 * jax.random.uniform(jax.random.key(k), a.shape), tree)
+    variables = {"params": perturb(variables["params"], 2),
+                 "batch_stats": perturb(variables["batch_stats"], 3)}
+    folded = models.folded_apply(model)
+    expected_logits, expected = model.apply(variables, x, train=False, return_features=True)
+    logits, features = jax.jit(lambda v, x: folded(v, x, return_features=True))(variables, x)
+    chex.assert_trees_all_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(features, expected, rtol=1e-4, atol=1e-4)
+    # Folded, the mean is subtracted from [C] vectors only, never from a [B, H, W, C] map.
+    def map_subtractions(f):
+        text = jax.jit(lambda v, x: f(v, x)).lower(variables, x).as_text()
+        return sum("subtract" in line and "tensor<4x" in line for line in text.splitlines())
+
+    plain = map_subtractions(lambda v, x: model.apply(v, x, train=False))
+    # Post-activation ResNets: every BatchNorm follows a conv. Pre-activation WRNs: the
+    # BatchNorm opening each block follows a residual sum and stays.
+    assert map_subtractions(folded) == 0 if name == "resnet8" else 0 < map_subtractions(folded) < plain
+    with pytest.raises(ValueError, match="inference only"):
+        folded(variables, x, train=True)

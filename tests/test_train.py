@@ -377,3 +377,28 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(reference_r
     assert result.keys() == reference_run.keys()
     for k in result:
         np.testing.assert_array_equal(result[k], reference_run[k], err_msg=k)
+
+
+def test_vmap_impl_equals_the_loop_and_auto_picks_the_loop_on_cpu(trained_teacher):
+    teacher, tvars, _ = trained_teacher
+    mesh, loader, tx = _setup()
+    objs = [objectives.from_method("kd")] * 2
+
+    def run(impl):
+        _, states = _students(["kd", "kd"], teacher, tx, seeds=[3, 4])
+        step = loop.make_distill_step(mesh, objectives=objs, teacher_apply=teacher.apply,
+                                      dataset="cifar10", steps_per_epoch=loader.steps_per_epoch,
+                                      impl=impl)
+        for batch in loader.epoch(0):
+            states, metrics = step(states, tvars, batch)
+        chex.assert_shape(metrics["loss"], (2,))
+        return states
+
+    looped, vmapped = run("loop"), run("vmap")
+    for a, b in zip(looped, vmapped):
+        chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="share one objective"):
+        loop.make_distill_step(mesh, objectives=[objs[0], objectives.from_method("dkd")],
+                               teacher_apply=teacher.apply, dataset="cifar10",
+                               steps_per_epoch=4, impl="vmap")
+    assert loop._platform(mesh) == "cpu"  # where "auto" takes the loop

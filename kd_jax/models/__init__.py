@@ -39,8 +39,9 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from kd_jax.models import mobilenetv2, resnet, shufflenet, vgg, wrn
+from kd_jax.models.fold import folded_apply
 
-__all__ = ["available", "create", "num_params"]
+__all__ = ["available", "create", "folded_apply", "num_params"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     **{f"resnet{d}": partial(resnet.cifar_resnet, d) for d in (8, 14, 20, 32, 44, 56, 110)},
