@@ -277,8 +277,13 @@ def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
-    """K states of one architecture and optimiser as one state with a leading ``[K]`` axis."""
-    return jax.tree.map(lambda *x: jnp.stack(x), *states)
+    """K states of one architecture and optimiser as one state with a leading ``[K]`` axis.
+
+    The static fields (``apply_fn``, ``tx``) are taken from the first state.
+    """
+    stacked = {field: jax.tree.map(lambda *x: jnp.stack(x), *[getattr(s, field) for s in states])
+               for field in ("step", "params", "opt_state", "batch_stats", "rng")}
+    return states[0].replace(**stacked)
 
 
 def unstack_states(stacked: TrainState) -> tuple[TrainState, ...]:
