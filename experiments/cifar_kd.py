@@ -94,10 +94,10 @@ class UsageError(Exception):
 def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     d = ExperimentConfig()
     p = argparse.ArgumentParser(
-        prog="cifar_kd.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="cifar_kd.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="a named configuration; other flags override its values")
+                   help="a named configuration; other flags override its values (default: default, "
+                        "the CRD recipe)")
     p.add_argument("--dataset", choices=["cifar10", "cifar100"], default=None,
                    help=f"dataset (default {d.dataset})")
     p.add_argument("--data-dir", default=None,
