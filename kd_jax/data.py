@@ -48,6 +48,7 @@ __all__ = [
     "eval_batches",
     "load_arrays",
     "normalize",
+    "random_crop_flip",
     "num_classes",
     "steps_per_epoch",
 ]
@@ -434,6 +435,15 @@ def augment(key: jax.Array, images: jax.Array, *, dataset: str, padding: int = 4
     Returns:
       float32 ``[B, H, W, 3]``.
     """
+    return normalize(random_crop_flip(key, images, padding=padding), dataset=dataset)
+
+
+def random_crop_flip(key: jax.Array, images: jax.Array, *, padding: int = 4) -> jax.Array:
+    """The pixels of :func:`augment` before normalisation: ``[B, H, W, C]``, ``images``' dtype.
+
+    Models with different input normalisations (a converted teacher and a student) share one
+    view by normalising this output each their own way.
+    """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
     if padding < 0:
@@ -442,7 +452,7 @@ def augment(key: jax.Array, images: jax.Array, *, dataset: str, padding: int = 4
     key_offsets, key_flips = jax.random.split(key)
     offsets = jax.random.randint(key_offsets, (b, 2), 0, 2 * padding + 1)
     flips = jax.random.bernoulli(key_flips, 0.5, (b,))
-    return normalize(_crop_flip(images, offsets, flips, padding=padding), dataset=dataset)
+    return _crop_flip(images, offsets, flips, padding=padding)
 
 
 # ------------------------------------------------------------------------------ batches
