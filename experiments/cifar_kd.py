@@ -38,6 +38,10 @@ class ExperimentConfig:
     dataset: str = "cifar10"
     teacher: str = "resnet56"
     student: str = "resnet20"
+    # A trained or converted teacher to distil from instead of training one: a kd_jax
+    # variables checkpoint, or "pretrained:<dataset>/<arch>" for a shipped one.
+    teacher_checkpoint: str | None = None
+    student_shortcut: str | None = None  # "A" | "B": the student ResNet's shortcut type
     methods: tuple[str, ...] = ("kd",)
     epochs: int = 240
     teacher_epochs: int | None = None  # None: same as epochs
@@ -54,6 +58,7 @@ class ExperimentConfig:
     alpha: float | None = None  # KD's weight of the distillation term
     seed: int = 0
     seeds: int = 1
+    seeds_per_method: tuple[tuple[str, int], ...] = ()  # (method, seeds) overriding --seeds
     train_subset: int | None = None  # total training images, class-balanced
     test_subset: int | None = None
     dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
@@ -78,10 +83,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(teacher="resnet18", student="resnet18", methods=("kd",), epochs=100,
                  batch_size=128, optimizer="adam", lr=1e-3, lr_batch_size=128,
                  weight_decay=0.0, schedule="constant", temperature=5.0, alpha=0.5),
-    # Issue #9's CPU protocol: full CIFAR-10, resnet20 -> resnet8, 8 epochs, 2 seeds.
-    "cifar10-cpu": dict(teacher="resnet20", student="resnet8", methods=("none", "kd"),
-                        epochs=8, batch_size=128, lr=0.1, lr_batch_size=128, nesterov=True,
-                        weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, seeds=2),
+    # The CPU protocols (results/cifar10-cpu, results/cifar100-cpu): the published teachers
+    # shipped with kd_jax, resnet8 students, about 100 min on a 2-core CPU each.
+    "cifar10-cpu": dict(teacher="resnet56", teacher_checkpoint="pretrained:cifar10/resnet56",
+                        student="resnet8", methods=("none", "kd", "dkd", "dist"),
+                        epochs=5, batch_size=128, lr=0.1, lr_batch_size=128, nesterov=True,
+                        weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, seeds=2,
+                        seeds_per_method=(("dkd", 1), ("dist", 1))),
+    "cifar100-cpu": dict(dataset="cifar100", teacher="resnet56",
+                         teacher_checkpoint="pretrained:cifar100/resnet56",
+                         student="resnet8", student_shortcut="B",
+                         methods=("none", "kd", "dkd", "dist", "fitnet", "at"),
+                         epochs=5, batch_size=128, lr=0.1, lr_batch_size=128, nesterov=True,
+                         weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, seeds=2,
+                         seeds_per_method=(("dkd", 1), ("dist", 1), ("fitnet", 1), ("at", 1))),
 }
 
 
@@ -108,6 +123,9 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
                         "<student>)")
     p.add_argument("--teacher", default=None, help=f"teacher architecture (default {d.teacher})")
     p.add_argument("--student", default=None, help=f"student architecture (default {d.student})")
+    p.add_argument("--student-shortcut", choices=["A", "B"], default=None,
+                   help="ResNet student's shortcut: A zero-padded identity (default of resnetN), "
+                        "B 1x1 conv + BN (RepDistiller's, chenyaofo's)")
     p.add_argument("--method", default=None,
                    help=f"comma list of {','.join(METHOD_NAMES)} (default {','.join(d.methods)}); "
                         "'none' is the baseline student, always added")
@@ -141,8 +159,10 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
     p.add_argument("--test-subset", type=int, default=None,
                    help="evaluate on N test images, class-balanced (default: all)")
     p.add_argument("--teacher-checkpoint", default=None,
-                   help="reuse a trained teacher: a teacher directory written by this script "
-                        "(<workdir>/teacher_*/final) or results/*/teacher")
+                   help="distil from this teacher instead of training one: a shipped published "
+                        "teacher (pretrained:cifar10/resnet20, pretrained:cifar10/resnet56, "
+                        "pretrained:cifar100/resnet56), a checkpoint written by "
+                        "python -m kd_jax.convert, or <workdir>/teacher_*/final")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--max-parallel-students", type=int, default=None,
@@ -164,10 +184,13 @@ def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
         "weight_decay": "weight_decay", "temperature": "temperature", "alpha": "alpha",
         "seed": "seed", "seeds": "seeds", "train_subset": "train_subset",
         "test_subset": "test_subset", "dtype": "dtype",
-        "max_parallel_students": "max_parallel_students", "log_every": "log_every"}
+        "max_parallel_students": "max_parallel_students", "log_every": "log_every",
+        "teacher_checkpoint": "teacher_checkpoint", "student_shortcut": "student_shortcut"}
     for flag, field in flag_to_field.items():
         if getattr(args, flag) is not None:
             values[field] = getattr(args, flag)
+    if args.seeds is not None:
+        values["seeds_per_method"] = ()  # an explicit --seeds applies to every method
     if args.method is not None:
         values["methods"] = tuple(m.strip() for m in args.method.split(",") if m.strip())
     return ExperimentConfig(**values), args
@@ -212,6 +235,63 @@ def ensure_writable(path: str) -> None:
 
 # ------------------------------------------------------------------- bookkeeping
 
+def teacher_dir(spec: str) -> str:
+    """The checkpoint directory of ``--teacher-checkpoint spec`` (``pretrained:`` names, a
+    teacher directory holding ``final``, or a checkpoint directory)."""
+    from kd_jax import pretrained
+    try:
+        path = pretrained.resolve(spec)
+    except ValueError as err:
+        raise UsageError(f"--teacher-checkpoint {spec!r}: {err}") from err
+    if os.path.isdir(os.path.join(path, "final")):
+        path = os.path.join(path, "final")
+    return path
+
+
+def teacher_meta(spec: str) -> dict:
+    from kd_jax import checkpoint
+    path = teacher_dir(spec)
+    try:
+        meta = checkpoint.load_meta(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--teacher-checkpoint {spec!r} is not a teacher checkpoint (no "
+                         "readable meta); use pretrained:<dataset>/<arch>, a directory written "
+                         "by python -m kd_jax.convert, or <workdir>/teacher_*/final.") from err
+    if not isinstance(meta, dict) or "arch" not in meta or "num_classes" not in meta:
+        raise UsageError(f"--teacher-checkpoint {spec!r} is not a teacher checkpoint (its meta "
+                         "names no arch and num_classes; a students checkpoint?); use "
+                         "pretrained:<dataset>/<arch> or <workdir>/teacher_*/final.")
+    return meta
+
+
+def dir_digest(path: str) -> str:
+    """SHA-256 over the relative names and contents of every file under ``path``: the
+    identity of a teacher checkpoint's content, whatever its path."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+def adopt_teacher_checkpoint(config: ExperimentConfig, args) -> ExperimentConfig:
+    """With a teacher checkpoint, the teacher's architecture and dataset are the checkpoint's
+    unless given on the command line (a conflict is then reported by the teacher phase)."""
+    if not config.teacher_checkpoint:
+        return config
+    meta = teacher_meta(config.teacher_checkpoint)
+    over = {}
+    if args.teacher is None:
+        over["teacher"] = meta["arch"]
+    if args.dataset is None and meta.get("dataset") in ("cifar10", "cifar100"):
+        over["dataset"] = meta["dataset"]
+    return dataclasses.replace(config, **over)
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -227,7 +307,8 @@ def teacher_key(c: ExperimentConfig) -> dict:
 
 def student_jobs(c: ExperimentConfig) -> list[tuple[str, int]]:
     methods = list(dict.fromkeys(("none",) + tuple(c.methods)))  # baseline first, no repeats
-    return [(m, c.seed + s) for m in methods for s in range(c.seeds)]
+    seeds = dict(c.seeds_per_method)
+    return [(m, c.seed + s) for m in methods for s in range(seeds.get(m, c.seeds))]
 
 
 def split_passes(jobs: list, cap: int) -> list[list]:
@@ -329,6 +410,7 @@ class Run:
         self.workdir = args.workdir_resolved
         self.log = Logger(self.workdir, jax.process_index() == 0)
         self._data = None
+        self.teacher_preprocess = None  # the teacher's own normalisation, if not the dataset's
 
     # data is loaded only when a phase needs to train
     @property
@@ -353,9 +435,12 @@ class Run:
                           f"({time.perf_counter() - t0:.1f}s)")
         return self._data
 
-    def model(self, arch):
+    def model(self, arch, shortcut=None):
         from kd_jax import models
-        return models.create(arch, num_classes=self.num_classes, dtype=self.dtype)
+        try:
+            return models.create(arch, self.num_classes, dtype=self.dtype, shortcut=shortcut)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
 
     def optimizer(self, epochs: int, steps_per_epoch: int):
         from kd_jax import train
@@ -373,20 +458,20 @@ class Run:
         return data.TrainLoader(train_x, train_y, batch_size=self.c.batch_size,
                                 seed=self.c.seed, mesh=self.mesh)
 
-    def evaluator(self):
+    def evaluator(self, preprocess=None):
         from kd_jax import loop
         _, _, test_x, test_y = self.data
         return loop.make_evaluator(self.mesh, images=test_x, labels=test_y,
                                    batch_size=_eval_batch(self.c.eval_batch_size, self.devices),
-                                   dataset=self.c.dataset)
+                                   dataset=self.c.dataset, preprocess=preprocess)
 
     # -- phase 1
     def teacher_phase(self) -> dict:
         """Trains the teacher (or loads it); returns its summary and sets the variables."""
         from kd_jax import checkpoint, loop, train
         c = self.c
-        if self.args.teacher_checkpoint:
-            return self._load_teacher(self.args.teacher_checkpoint)
+        if c.teacher_checkpoint:
+            return self._load_teacher(c.teacher_checkpoint)
         tdir = os.path.join(self.workdir, f"teacher_{c.teacher}_{_hash(teacher_key(c))}")
         final = os.path.join(tdir, "final")
         if os.path.exists(os.path.join(tdir, "result.json")):
@@ -424,39 +509,62 @@ class Run:
         self.teacher_model, self.teacher_variables = model, variables
         return summary
 
-    def _load_teacher(self, path: str, summary: dict | None = None) -> dict:
-        import jax
-        from kd_jax import checkpoint
+    def _load_teacher(self, spec: str, summary: dict | None = None) -> dict:
+        """Loads a teacher checkpoint (trained here, converted, or shipped) with its own input
+        preprocessing; without a stored ``summary``, measures its test accuracy in this run
+        (cached in the workdir by the checkpoint's content digest)."""
+        import optax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from kd_jax import pretrained, train
         c = self.c
-        if os.path.isdir(os.path.join(path, "final")):
-            path = os.path.join(path, "final")
-        try:
-            meta = checkpoint.load_meta(path)
-        except (OSError, json.JSONDecodeError) as err:
-            raise UsageError(f"--teacher-checkpoint {path!r} is not a teacher written by this "
-                             "script (no readable meta); point it at <workdir>/teacher_*/final "
-                             "or results/<run>/teacher.") from err
+        path = teacher_dir(spec)
+        meta = teacher_meta(spec)
         if meta.get("arch") != c.teacher or meta.get("num_classes") != self.num_classes:
             raise UsageError(
                 f"--teacher-checkpoint holds a {meta.get('arch')} with "
                 f"{meta.get('num_classes')} classes, but this run's teacher is {c.teacher} "
-                f"with {self.num_classes} classes; pass --teacher {meta.get('arch')} (and the "
-                "matching --dataset) or another checkpoint.")
-        model = self.model(c.teacher)
-        abstract = jax.eval_shape(lambda: model.init(
-            jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        rep = NamedSharding(self.mesh, P())
-        target = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                              target)
-        variables, meta = checkpoint.load_variables(path, target)
-        self.teacher_model, self.teacher_variables = model, variables
-        if summary is None:
-            self.log.line(f"teacher: loaded {meta['arch']} from {path} "
-                          f"(test accuracy {meta.get('test_accuracy', float('nan')):.4f})")
-        return summary or {k: meta[k] for k in ("arch", "test_accuracy", "params",
-                                                 "train_time_s") if k in meta}
+                f"with {self.num_classes} classes ({c.dataset}); pass --teacher "
+                f"{meta.get('arch')} and the matching --dataset, or another checkpoint.")
+        try:
+            loaded = pretrained.load_checkpoint(path, dtype=self.dtype,
+                                                sharding=NamedSharding(self.mesh, P()))
+        except Exception as err:  # noqa: BLE001 — any unreadable array is the user's file
+            raise UsageError(f"--teacher-checkpoint {spec!r}: its arrays cannot be read as a "
+                             f"{meta.get('arch')} ({type(err).__name__}: {str(err)[:160]}); "
+                             "convert it again or point at another checkpoint.") from err
+        self.teacher_model, self.teacher_variables = loaded.model, loaded.variables
+        # A converted teacher keeps its authors' normalisation; kd_jax-trained ones use the
+        # dataset's, like the students (preprocess None).
+        self.teacher_preprocess = loaded.preprocess if meta.get("normalization") else None
+        if summary is not None:
+            return summary
+        digest = dir_digest(path)
+        cache = os.path.join(self.workdir, f"teacher_eval_{_hash(dict(digest=digest, dataset=c.dataset, test_subset=c.test_subset, data_dir=os.path.abspath(self.args.data_dir) if self.args.data_dir else None))}.json")
+        if os.path.exists(cache):
+            measured = _read_json(cache)
+        else:
+            t0 = time.perf_counter()
+            model = train.TrainState.create(apply_fn=loaded.model.apply,
+                                            params=loaded.variables["params"],
+                                            batch_stats=loaded.variables["batch_stats"],
+                                            tx=optax.identity())
+            (ev,) = self.evaluator(preprocess=self.teacher_preprocess)([model])
+            measured = {"test_accuracy": ev["test_accuracy"], "test_loss": ev["test_loss"],
+                        "eval_time_s": time.perf_counter() - t0}
+            if self.jax.process_index() == 0:
+                _write_json(cache, measured)
+        summary = {"arch": meta["arch"], "shortcut": meta.get("shortcut"),
+                   "test_accuracy": measured["test_accuracy"],
+                   "params": meta.get("params"), "train_time_s": meta.get("train_time_s"),
+                   "source": spec, "checkpoint_sha256": digest,
+                   "published_accuracy": meta.get("published_accuracy"),
+                   "origin": (meta.get("source") or {}).get("origin"),
+                   "normalization": (meta.get("normalization") or {}).get("name", c.dataset)}
+        published = summary["published_accuracy"]
+        self.log.line(f"teacher: {meta['arch']} from {spec}: test accuracy "
+                      f"{100 * measured['test_accuracy']:.2f}% measured here"
+                      + (f" (published {100 * published:.2f}%)" if published else ""))
+        return summary
 
     # -- phase 2
     def student_phase(self, teacher_summary: dict) -> list[dict]:
@@ -466,9 +574,9 @@ class Run:
         results = []
         passes = split_passes(jobs, c.max_parallel_students)
         for i, group in enumerate(passes):
-            key = dict(teacher=teacher_key(c) if not self.args.teacher_checkpoint else
-                       {"checkpoint": os.path.abspath(self.args.teacher_checkpoint)},
-                       student=c.student, epochs=c.epochs, batch_size=c.batch_size,
+            key = dict(teacher=teacher_key(c) if not c.teacher_checkpoint else
+                       {"checkpoint_sha256": teacher_summary["checkpoint_sha256"]},
+                       student=c.student, student_shortcut=c.student_shortcut, epochs=c.epochs, batch_size=c.batch_size,
                        optimizer=c.optimizer, lr=c.lr, lr_batch_size=c.lr_batch_size,
                        nesterov=c.nesterov, weight_decay=c.weight_decay, schedule=c.schedule,
                        warmup_epochs=c.warmup_epochs, seed=c.seed, train_subset=c.train_subset,
@@ -491,7 +599,8 @@ class Run:
             teacher = self.teacher_model
             states = []
             for (method, seed), obj in zip(group, objs):
-                model = objectives.prepare_student(self.model(c.student), obj, teacher)
+                model = objectives.prepare_student(
+                    self.model(c.student, shortcut=c.student_shortcut), obj, teacher)
                 states.append(train.create_train_state(model, tx, init_seed=seed,
                                                        data_seed=c.seed))
             states = loop.replicate(tuple(states), self.mesh)
@@ -500,7 +609,8 @@ class Run:
                 step = loop.make_distill_step(self.mesh, objectives=objs,
                                               teacher_apply=models.folded_apply(teacher),
                                               dataset=c.dataset,
-                                              steps_per_epoch=loader.steps_per_epoch)
+                                              steps_per_epoch=loader.steps_per_epoch,
+                                              teacher_preprocess=self.teacher_preprocess)
                 tvars = self.teacher_variables
                 step_fn = lambda s, b: step(s, tvars, b)  # noqa: E731
             else:
@@ -571,7 +681,9 @@ def summarise(config: ExperimentConfig, teacher: dict, students: list[dict]) -> 
     return {
         "dataset": config.dataset,
         "teacher": {k: teacher.get(k) for k in ("arch", "test_accuracy", "params",
-                                                "train_time_s")},
+                                                "train_time_s")}
+        | {k: teacher[k] for k in ("shortcut", "source", "origin", "published_accuracy",
+                                   "checkpoint_sha256", "normalization") if k in teacher},
         "students": [{k: s[k] for k in ("arch", "method", "seed", "test_accuracy",
                                         "best_test_accuracy", "params", "train_time_s",
                                         "images_per_s")} | {"students_in_pass":
@@ -591,8 +703,13 @@ def results_table(results: dict) -> str:
         arch[s["method"]] = s["arch"]
     base = statistics.mean(by_method["none"]) if "none" in by_method else None
     t = results["teacher"]
-    lines = [f"Teacher {t['arch']}: {100 * t['test_accuracy']:.2f}% test accuracy "
-             f"({results['dataset']}).", "",
+    source = ""
+    if t.get("source"):
+        source = f" from `{t['source']}`"
+        if t.get("published_accuracy"):
+            source += f" (published {100 * t['published_accuracy']:.2f}%)"
+    lines = [f"Teacher {t['arch']}{source}: {100 * t['test_accuracy']:.2f}% test accuracy "
+             f"({results['dataset']}, measured in this run).", "",
              "| Method | Student | Test accuracy (%) | Gain over baseline | Seeds |",
              "|---|---|---|---|---|"]
     for method, accs in by_method.items():
@@ -643,16 +760,18 @@ def all_done(config, args) -> dict | None:
     stored = _read_json(path)
     if stored.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
         return None
-    if stored.get("teacher_checkpoint") != args.teacher_checkpoint:
-        return None
+    digest = stored.get("teacher", {}).get("checkpoint_sha256")
+    if config.teacher_checkpoint and digest != dir_digest(teacher_dir(config.teacher_checkpoint)):
+        return None  # the checkpoint at that path changed: the stored students are stale
     return stored
 
 
 def main(argv=None) -> int:
     config, args = parse_args(argv)
-    args.workdir_resolved = args.workdir or os.path.join(
-        "runs", f"{config.dataset}_{config.teacher}_{config.student}")
     try:
+        config = adopt_teacher_checkpoint(config, args)
+        args.workdir_resolved = args.workdir or os.path.join(
+            "runs", f"{config.dataset}_{config.teacher}_{config.student}")
         validate(config, args)
         stored = all_done(config, args)
         if stored is not None:
@@ -680,7 +799,7 @@ def main(argv=None) -> int:
             return 1
         raise
     results = summarise(config, teacher, students)
-    results["teacher_checkpoint"] = args.teacher_checkpoint
+    results["teacher_checkpoint"] = config.teacher_checkpoint
     results["devices"] = f"{run.devices} x {run.jax.devices()[0].device_kind}"
     if run.jax.process_index() == 0:
         wd = args.workdir_resolved

@@ -61,7 +61,8 @@ def make_supervised_step(mesh: Mesh, *, dataset: str) -> Callable:
 
 
 def make_distill_step(mesh: Mesh, *, objectives: Sequence[Objective], teacher_apply,
-                      dataset: str, steps_per_epoch: int, impl: str = "auto") -> Callable:
+                      dataset: str, steps_per_epoch: int, impl: str = "auto",
+                      teacher_preprocess=None) -> Callable:
     """``(states, teacher_variables, batch) -> (states, metrics[K])``, jitted, donating states.
 
     The teacher's variables are an argument (not baked into the program as constants) and
@@ -72,6 +73,8 @@ def make_distill_step(mesh: Mesh, *, objectives: Sequence[Objective], teacher_ap
     platform (``benchmarks/throughput.py``): the loop on CPU, where XLA's batched
     convolutions ran 2–3x slower than K separate ones; vmap on GPU/TPU when the students
     share their objective (on an H200 at batch 128, K=4: 12.2 ms against 13.0 ms).
+    ``teacher_preprocess``: the teacher's own input normalisation (see
+    :func:`kd_jax.train.distill_step_many`).
     """
     objectives = tuple(objectives)
     if impl == "auto":
@@ -80,7 +83,7 @@ def make_distill_step(mesh: Mesh, *, objectives: Sequence[Objective], teacher_ap
     if impl == "loop":
         step = partial(train.distill_step_many, objectives=objectives,
                        teacher_apply=teacher_apply, dataset=dataset,
-                       steps_per_epoch=steps_per_epoch)
+                       steps_per_epoch=steps_per_epoch, teacher_preprocess=teacher_preprocess)
     elif impl == "vmap":
         if len(set(objectives)) != 1:
             raise ValueError("impl='vmap' needs every student to share one objective; "
@@ -90,7 +93,7 @@ def make_distill_step(mesh: Mesh, *, objectives: Sequence[Objective], teacher_ap
             stacked, metrics = train.distill_step_vmap(
                 train.stack_states(states), teacher_variables, batch,
                 objective=objectives[0], teacher_apply=teacher_apply, dataset=dataset,
-                steps_per_epoch=steps_per_epoch)
+                steps_per_epoch=steps_per_epoch, teacher_preprocess=teacher_preprocess)
             return train.unstack_states(stacked), metrics
     else:
         raise ValueError(f"unknown impl {impl!r}; choose 'auto', 'loop' or 'vmap'.")
@@ -102,15 +105,18 @@ def _platform(mesh: Mesh) -> str:
 
 
 def make_evaluator(mesh: Mesh, *, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                   dataset: str) -> Callable:
+                   dataset: str, preprocess=None) -> Callable:
     """``evaluate(states) -> [{"test_accuracy", "test_loss"}, ...]``, one dict per state.
 
-    Every test example counts exactly once (the last batch is padded and masked).
+    Every test example counts exactly once (the last batch is padded and masked). A state
+    may be anything with ``params``, ``batch_stats`` and ``apply_fn``; ``preprocess`` is
+    the models' own input normalisation (default: ``dataset``'s).
     """
 
     def sums(states, batch):
         out = [train.eval_step({"params": s.params, "batch_stats": s.batch_stats}, batch,
-                               apply_fn=s.apply_fn, dataset=dataset) for s in states]
+                               apply_fn=s.apply_fn, dataset=dataset, preprocess=preprocess)
+               for s in states]
         return jax.tree.map(lambda *x: jnp.stack(x), *out)
 
     sums_jit = jax.jit(sums, out_shardings=NamedSharding(mesh, P()))

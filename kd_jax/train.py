@@ -148,9 +148,14 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *,
     )
 
 
-def _augmented(state: TrainState, batch: dict[str, jax.Array], dataset: str) -> jax.Array:
+def _augmented_pixels(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+    """The step's augmented view, uint8 pixels before any model's normalisation."""
     key = jax.random.fold_in(state.rng, state.step)
-    return data.augment(key, batch["image"], dataset=dataset)
+    return data.random_crop_flip(key, batch["image"])
+
+
+def _augmented(state: TrainState, batch: dict[str, jax.Array], dataset: str) -> jax.Array:
+    return data.normalize(_augmented_pixels(state, batch), dataset=dataset)
 
 
 def _variables(state: TrainState, params=None) -> dict[str, Any]:
@@ -184,33 +189,47 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, dataset: str
 
 
 def teacher_outputs(teacher_applies: Sequence[Callable], teacher_variables: Sequence[Any],
-                    images: jax.Array, *, with_features: bool
+                    images: jax.Array, *, with_features: bool,
+                    pixels: jax.Array | None = None,
+                    preprocess: Sequence[Callable | None] | None = None,
                     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """The frozen teachers in inference mode: averaged logits, and the first one's features.
 
     Teachers run with ``train=False`` (running BatchNorm averages, nothing mutated) and
-    under ``stop_gradient``: no gradient reaches them.
+    under ``stop_gradient``: no gradient reaches them. Teacher ``i`` sees
+    ``preprocess[i](pixels)`` when it has a preprocessing function (its own input
+    normalisation, e.g. a converted PyTorch teacher's), else ``images`` (the student's).
     """
     teacher_variables = jax.lax.stop_gradient(teacher_variables)
+    preprocess = preprocess or (None,) * len(teacher_applies)
     logits, features = [], None
-    for i, (apply, variables) in enumerate(zip(teacher_applies, teacher_variables)):
+    for i, (apply, variables, prep) in enumerate(zip(teacher_applies, teacher_variables,
+                                                      preprocess)):
+        images_i = images if prep is None else prep(pixels)
         if with_features and i == 0:
-            out, features = apply(variables, images, train=False, return_features=True)
+            out, features = apply(variables, images_i, train=False, return_features=True)
         else:
-            out = apply(variables, images, train=False)
+            out = apply(variables, images_i, train=False)
         logits.append(out)
     mean_logits = logits[0] if len(logits) == 1 else jnp.mean(jnp.stack(logits), axis=0)
     return mean_logits, features
 
 
-def _as_teachers(teacher_apply, teacher_variables):
+def _as_teachers(teacher_apply, teacher_variables, teacher_preprocess=None):
     if callable(teacher_apply):
-        return (teacher_apply,), (teacher_variables,)
+        teacher_apply, teacher_variables = (teacher_apply,), (teacher_variables,)
     teacher_apply, teacher_variables = tuple(teacher_apply), tuple(teacher_variables)
     if len(teacher_apply) != len(teacher_variables) or not teacher_apply:
         raise ValueError(f"got {len(teacher_apply)} teacher apply functions and "
                          f"{len(teacher_variables)} teacher variable sets; pass one of each.")
-    return teacher_apply, teacher_variables
+    if teacher_preprocess is None or callable(teacher_preprocess):
+        teacher_preprocess = (teacher_preprocess,) * len(teacher_apply)
+    teacher_preprocess = tuple(teacher_preprocess)
+    if len(teacher_preprocess) != len(teacher_apply):
+        raise ValueError(f"got {len(teacher_preprocess)} teacher_preprocess functions for "
+                         f"{len(teacher_apply)} teachers; pass one per teacher (None: the "
+                         "student's normalisation).")
+    return teacher_apply, teacher_variables, teacher_preprocess
 
 
 def _student_update(state: TrainState, objective: Objective, images, labels, t_logits,
@@ -242,6 +261,7 @@ def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
                       objectives: Sequence[Objective],
                       teacher_apply: Callable | Sequence[Callable], dataset: str,
                       steps_per_epoch: int,
+                      teacher_preprocess: Callable | Sequence[Callable | None] | None = None,
                       ) -> tuple[tuple[TrainState, ...], dict[str, jax.Array]]:
     """K students distilled from one teacher pass: one step for each, one shared view.
 
@@ -252,17 +272,25 @@ def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
     inside the one jit: on CPU this is faster than ``vmap`` over stacked states (measured in
     ``benchmarks/throughput.py``).
 
+    ``teacher_preprocess`` (one callable, or one per teacher; ``None`` = the student's
+    ``dataset`` normalisation) maps the augmented uint8 pixels to a teacher's input, so a
+    teacher with its own normalisation (:mod:`kd_jax.pretrained`) sees the same view as the
+    students, normalised its own way.
+
     Returns the K new states and metrics ``{"loss", "accuracy"}`` of shape ``[K]``.
     """
     if len(states) != len(objectives):
         raise ValueError(f"got {len(states)} student states and {len(objectives)} "
                          "objectives; pass one objective per student.")
-    applies, variables = _as_teachers(teacher_apply, teacher_variables)
-    images = _augmented(states[0], batch, dataset)
+    applies, variables, preps = _as_teachers(teacher_apply, teacher_variables,
+                                             teacher_preprocess)
+    pixels = _augmented_pixels(states[0], batch)
+    images = data.normalize(pixels, dataset=dataset)
     labels = batch["label"]
     with_features = any(o.needs_features for o in objectives)
     t_logits, t_features = teacher_outputs(applies, variables, images,
-                                           with_features=with_features)
+                                           with_features=with_features, pixels=pixels,
+                                           preprocess=preps)
     progress = (states[0].step + 1).astype(jnp.float32) / steps_per_epoch
 
     new_states, losses, accuracies = [], [], []
@@ -295,7 +323,9 @@ def unstack_states(stacked: TrainState) -> tuple[TrainState, ...]:
 def distill_step_vmap(stacked: TrainState, teacher_variables: Any,
                       batch: dict[str, jax.Array], *, objective: Objective,
                       teacher_apply: Callable | Sequence[Callable], dataset: str,
-                      steps_per_epoch: int) -> tuple[TrainState, dict[str, jax.Array]]:
+                      steps_per_epoch: int,
+                      teacher_preprocess: Callable | Sequence[Callable | None] | None = None,
+                      ) -> tuple[TrainState, dict[str, jax.Array]]:
     """K students of one architecture and objective as one ``jax.vmap``-ed update.
 
     ``stacked`` is :func:`stack_states` of the K states (they differ in initialisation).
@@ -304,12 +334,15 @@ def distill_step_vmap(stacked: TrainState, teacher_variables: Any,
     batched convolutions are slower than K separate ones; see ``benchmarks/throughput.py``).
     Metrics have shape ``[K]``.
     """
-    applies, variables = _as_teachers(teacher_apply, teacher_variables)
+    applies, variables, preps = _as_teachers(teacher_apply, teacher_variables,
+                                             teacher_preprocess)
     first = jax.tree.map(lambda x: x[0], stacked)
-    images = _augmented(first, batch, dataset)
+    pixels = _augmented_pixels(first, batch)
+    images = data.normalize(pixels, dataset=dataset)
     labels = batch["label"]
     t_logits, t_features = teacher_outputs(applies, variables, images,
-                                           with_features=objective.needs_features)
+                                           with_features=objective.needs_features,
+                                           pixels=pixels, preprocess=preps)
     progress = (first.step + 1).astype(jnp.float32) / steps_per_epoch
 
     def one(state):
@@ -322,28 +355,35 @@ def distill_step_vmap(stacked: TrainState, teacher_variables: Any,
 
 def distill_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
                  objective: Objective, teacher_apply: Callable | Sequence[Callable],
-                 dataset: str, steps_per_epoch: int
+                 dataset: str, steps_per_epoch: int,
+                 teacher_preprocess: Callable | Sequence[Callable | None] | None = None,
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One distillation step of one student against frozen teacher(s).
 
     The teacher is applied with ``train=False`` to the same augmented batch as the student,
     is never differentiated and its ``batch_stats`` never change. ``steps_per_epoch`` turns
-    the step into the epoch count that warm-ups (DKD) use. Returns the new state and
+    the step into the epoch count that warm-ups (DKD) use. ``teacher_preprocess`` gives a
+    teacher its own input normalisation (see :func:`distill_step_many`; pass
+    ``kd_jax.pretrained.load(...).preprocess`` for a shipped teacher). Returns the new state and
     ``{"loss", "accuracy"}`` scalars.
     """
     states, metrics = distill_step_many(
         (state,), teacher_variables, batch, objectives=(objective,),
-        teacher_apply=teacher_apply, dataset=dataset, steps_per_epoch=steps_per_epoch)
+        teacher_apply=teacher_apply, dataset=dataset, steps_per_epoch=steps_per_epoch,
+        teacher_preprocess=teacher_preprocess)
     return states[0], jax.tree.map(lambda m: m[0], metrics)
 
 
 def eval_step(variables: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
-              dataset: str) -> dict[str, jax.Array]:
+              dataset: str, preprocess: Callable | None = None) -> dict[str, jax.Array]:
     """Sums over the real examples of a (padded) batch: ``{"correct", "loss_sum", "count"}``.
 
-    Sums rather than means, so the masked last batch of a test set adds up exactly.
+    Sums rather than means, so the masked last batch of a test set adds up exactly. Images
+    are normalised with ``preprocess`` (a model's own, e.g. a converted teacher's) or else
+    ``dataset``'s statistics.
     """
-    images = data.normalize(batch["image"], dataset=dataset)
+    images = (data.normalize(batch["image"], dataset=dataset) if preprocess is None
+              else preprocess(batch["image"]))
     logits = apply_fn(variables, images, train=False)
     mask = batch["mask"].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])

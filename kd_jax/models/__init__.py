@@ -14,6 +14,9 @@ final ReLU where the family has one) and ``"pooled"`` (``[B, D]`` float32, the c
 input); each family module documents its shapes. ``dtype=jnp.bfloat16`` computes in bfloat16
 with float32 parameters and BatchNorm statistics. ``train`` is a required keyword.
 
+``create(name, num_classes, shortcut="A" | "B")`` picks a ResNet's shortcut type (see
+:func:`create`).
+
 Names (family module; parameters for 10 / 100 classes):
 
 * ``resnet8``, ``resnet14``, ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``,
@@ -41,7 +44,7 @@ from jax.typing import DTypeLike
 from kd_jax.models import mobilenetv2, resnet, shufflenet, vgg, wrn
 from kd_jax.models.fold import folded_apply
 
-__all__ = ["available", "create", "folded_apply", "num_params"]
+__all__ = ["SHORTCUTS", "available", "create", "folded_apply", "num_params", "shortcut_of"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     **{f"resnet{d}": partial(resnet.cifar_resnet, d) for d in (8, 14, 20, 32, 44, 56, 110)},
@@ -66,18 +69,44 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, *, num_classes: int, dtype: DTypeLike = jnp.float32) -> nn.Module:
+SHORTCUTS = {"A": "zero_pad", "B": "projection"}
+
+
+def create(name: str, num_classes: int, *, dtype: DTypeLike = jnp.float32,
+           shortcut: str | None = None) -> nn.Module:
     """The untrained module registered as ``name`` with ``num_classes`` outputs.
 
+    ``shortcut`` picks the ResNet shortcut where a block changes shape: ``"A"`` (He et al.'s
+    option A: subsample ``x[:, ::2, ::2]`` and zero-pad the channels, no parameters; the
+    default of ``resnet8`` ... ``resnet110``, as in the paper and akamaster's checkpoints) or
+    ``"B"`` (a 1x1 stride-2 convolution + BatchNorm; the default of ``resnet8x4``,
+    ``resnet32x4``, ``resnet18``, ``resnet34``, and the layout of RepDistiller, mdistiller
+    and chenyaofo's CIFAR-100 checkpoints). ``None`` keeps the name's default. Only the
+    ResNet names take it.
+
     Raises:
-      ValueError: ``name`` is not registered (the message lists :func:`available`), or
-        ``num_classes < 1``.
+      ValueError: ``name`` is not registered (the message lists :func:`available`),
+        ``num_classes < 1``, or a ``shortcut`` other than ``"A"``/``"B"`` or for a non-ResNet.
     """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model name {name!r}; available: {', '.join(available())}.")
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
-    return _REGISTRY[name](num_classes=num_classes, dtype=dtype)
+    kwargs = {}
+    if shortcut is not None:
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be 'A' (zero-padded identity) or 'B' (1x1 conv + "
+                             f"BN projection), got {shortcut!r}.")
+        if not name.startswith("resnet"):
+            raise ValueError(f"shortcut applies to the ResNet names only, not {name!r}.")
+        kwargs["shortcut"] = SHORTCUTS[shortcut]
+    return _REGISTRY[name](num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def shortcut_of(model: nn.Module) -> str | None:
+    """``"A"`` or ``"B"`` for a ResNet made by :func:`create`, else ``None``."""
+    value = getattr(model, "shortcut", None)
+    return {v: k for k, v in SHORTCUTS.items()}.get(value)
 
 
 def num_params(params: Any) -> int:
