@@ -34,6 +34,7 @@ __all__ = ["METHODS", "Objective", "WithHintRegressor", "from_method", "objectiv
            "prepare_student"]
 
 LOGIT_TERMS = ("none", "kd", "dkd", "dist")
+FEATURE_CONVENTIONS = ("post_relu", "pre_relu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,15 @@ class Objective:
     sp_weight: float = 0.0
     rkd_weight: float = 0.0
     pkt_weight: float = 0.0
+    # Which stage features the feature terms compare: "post_relu" (after the stage's final
+    # ReLU, RepDistiller's preact=False, on which its weights were calibrated) or "pre_relu"
+    # (the models' "stageN" outputs as they are). "stem" and "pooled" are post-ReLU in both.
+    features: str = "post_relu"
 
     def __post_init__(self):
+        if self.features not in FEATURE_CONVENTIONS:
+            raise ValueError(f"features must be one of {FEATURE_CONVENTIONS}, got "
+                             f"{self.features!r}.")
         if self.logit not in LOGIT_TERMS:
             raise ValueError(f"unknown logit term {self.logit!r}; choose one of {LOGIT_TERMS}.")
         if self.temperature <= 0:
@@ -104,14 +112,21 @@ def from_method(method: str, **overrides) -> Objective:
 
 
 class WithHintRegressor(nn.Module):
-    """A student backbone plus the FitNets regressor: a 1×1 convolution (with bias) from
-    the student's ``stage`` map to the teacher's channel count, exposed as feature
-    ``"hint"``. Its parameters live beside the backbone's (``params["hint_regressor"]``),
-    train with the student and are checkpointed with it."""
+    """A student backbone plus the FitNets regressor, RepDistiller's ``ConvReg`` for maps of
+    equal size: a 1×1 convolution (with bias) from the student's ``stage`` map to the
+    teacher's channel count, BatchNorm, ReLU; exposed as feature ``"hint"``. With
+    ``post_relu`` the regressor reads the stage map after its ReLU (the benchmark's
+    convention). Its parameters and BatchNorm statistics live beside the backbone's
+    (``hint_regressor``, ``hint_bn``), train with the student and are checkpointed with it.
+
+    The BatchNorm and ReLU bound the regressor's output to the scale of the (post-ReLU)
+    teacher map; without them a weight of 100 on the hint drove the linear regressor to a
+    non-finite loss within a few steps at lr 0.1."""
 
     backbone: nn.Module
     stage: str
     channels: int
+    post_relu: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -119,8 +134,13 @@ class WithHintRegressor(nn.Module):
             return self.backbone(x, train=train)
         logits, features = self.backbone(x, train=train, return_features=True)
         features = dict(features)
-        features["hint"] = nn.Conv(self.channels, (1, 1), name="hint_regressor")(
-            features[self.stage].astype(jnp.float32))
+        source = features[self.stage].astype(jnp.float32)
+        if self.post_relu:
+            source = nn.relu(source)
+        hint = nn.Conv(self.channels, (1, 1), name="hint_regressor")(source)
+        hint = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            name="hint_bn")(hint)
+        features["hint"] = nn.relu(hint)
         return logits, features
 
 
@@ -144,7 +164,14 @@ def prepare_student(student: nn.Module, objective: Objective, teacher: nn.Module
                          f"{shapes['teacher'][1:3]} and the student's {shapes['student'][1:3]}; "
                          "pick a hint_stage where the spatial sizes agree.")
     return WithHintRegressor(backbone=student, stage=objective.hint_stage,
-                             channels=shapes["teacher"][-1])
+                             channels=shapes["teacher"][-1],
+                             post_relu=objective.features == "post_relu")
+
+
+def _post_relu(features):
+    """Stage maps after their final ReLU (exact for the post-activation ResNet families,
+    whose ``stageN`` is the last block's sum before that ReLU)."""
+    return {k: nn.relu(v) if k.startswith("stage") else v for k, v in features.items()}
 
 
 def _stage_keys(student_features, teacher_features):
@@ -156,6 +183,9 @@ def objective_loss(objective: Objective, *, student_logits, student_features,
                    teacher_logits, teacher_features, labels, epoch) -> jax.Array:
     """The batch-mean loss of ``objective``; ``epoch`` (float, traced) drives warm-ups."""
     o = objective
+    if o.needs_features and o.features == "post_relu":
+        student_features = _post_relu(student_features)
+        teacher_features = _post_relu(teacher_features)
     if o.logit == "kd":
         loss = losses.distillation_loss(student_logits, teacher_logits, labels,
                                         temperature=o.temperature, alpha=o.alpha).mean()
