@@ -127,11 +127,52 @@ def test_teacher_checkpoint_is_reused_and_checked(smoke_run, tmp_path, capsys):
     assert "resnet14" in err and "resnet8" in err and len(err.strip().splitlines()) == 1
 
 
+def test_shipped_teacher_runs_with_no_teacher_phase(fake_cifar, tmp_path):
+    workdir = tmp_path / "w"
+    argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir", str(workdir),
+            "--no-progress", "--teacher-checkpoint", "pretrained:cifar10/resnet20",
+            "--epochs", "1", "--method", "kd"]
+    assert cifar_kd.main(argv) == 0
+    assert not glob.glob(str(workdir / "teacher_resnet*")), "no teacher was trained"
+    assert "[teacher" not in (workdir / "log.txt").read_text()
+    results = json.loads((workdir / "results.json").read_text())
+    t = results["teacher"]
+    assert t["arch"] == "resnet20" and t["source"] == "pretrained:cifar10/resnet20"
+    assert t["published_accuracy"] == 0.9173 and t["normalization"] == "imagenet"
+    assert results["config"]["teacher_checkpoint"] == "pretrained:cifar10/resnet20"
+    table = (workdir / "results.md").read_text()
+    assert "`pretrained:cifar10/resnet20` (published 91.73%)" in table
+
+
+def test_results_are_keyed_on_teacher_content_not_path(fake_cifar, tmp_path, capsys):
+    """Replacing the checkpoint at a --teacher-checkpoint path retrains the students."""
+    import jax
+    from kd_jax import checkpoint, pretrained
+    teacher = tmp_path / "teacher"
+    loaded = pretrained.load("resnet20", dataset="cifar10")
+    meta = pretrained.info("resnet20", dataset="cifar10")
+    checkpoint.save_variables(teacher, loaded.variables, meta)
+    argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir",
+            str(tmp_path / "w"), "--no-progress", "--teacher-checkpoint", str(teacher),
+            "--epochs", "1", "--method", "kd"]
+    assert cifar_kd.main(argv) == 0
+    capsys.readouterr()
+    assert cifar_kd.main(argv) == 0
+    assert "Finished run" in capsys.readouterr().out  # unchanged teacher: stored table
+    changed = jax.tree.map(lambda x: x * 0.5, loaded.variables)
+    checkpoint.save_variables(teacher, changed, meta)
+    assert cifar_kd.main(argv) == 0
+    assert "Finished run" not in capsys.readouterr().out
+    assert len(glob.glob(str(tmp_path / "w" / "students_*"))) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--teacher", "resnet999"], "unknown teacher architecture 'resnet999'"),
     (["--method", "kd,foo"], "unknown method foo"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--teacher-checkpoint", "pretrained:cifar100/resnet20"], "no shipped teacher"),
+    (["--teacher-checkpoint", "/nonexistent/teacher"], "is not a teacher checkpoint"),
     (["--workdir", "/proc/kd_jax_cannot_write_here"], "is not writable"),
 ])
 def test_mistakes_end_with_one_clear_line(args, message, capsys, tmp_path):
