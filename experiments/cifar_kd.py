@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -216,10 +218,32 @@ def validate(config: ExperimentConfig, args) -> None:
                              f"{getattr(config, name)}.")
     if config.teacher_epochs_ < 1:
         raise UsageError(f"--teacher-epochs must be at least 1, got {config.teacher_epochs_}.")
-    if config.alpha is not None and not 0 <= config.alpha <= 1:
+    if config.alpha is not None and not 0 <= config.alpha <= 1:  # NaN fails too
         raise UsageError(f"--alpha must be in [0, 1], got {config.alpha}.")
-    if config.temperature is not None and config.temperature <= 0:
-        raise UsageError(f"--temperature must be > 0, got {config.temperature}.")
+    positive = {"temperature": config.temperature, "lr": config.lr}
+    for name, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got "
+                             f"{value}.")
+    non_negative = {"weight_decay": config.weight_decay, "momentum": config.momentum,
+                    "warmup_epochs": config.warmup_epochs}
+    for name, value in non_negative.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
+                             f"{value}.")
+    if config.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {config.seed}.")
+    for name in ("train_subset", "test_subset"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (omit it for the "
+                             f"whole split), got {value}.")
+    unknown = [m for m, _ in config.seeds_per_method if m not in METHOD_NAMES]
+    if unknown or any(n < 1 for _, n in config.seeds_per_method):
+        raise UsageError(f"seeds_per_method {config.seeds_per_method} must name methods of "
+                         f"{', '.join(METHOD_NAMES)} with at least 1 seed each.")
+    if config.student_shortcut is not None and not config.student.startswith("resnet"):
+        raise UsageError(f"--student-shortcut applies to ResNet students, not {config.student}.")
 
 
 def ensure_writable(path: str) -> None:
@@ -297,13 +321,32 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+# Fields that cannot change what a phase computes (logging, grouping, evaluation batching)
+# or that the phase's key holds in resolved form. Everything else of the configuration keys
+# the phase's directory, so a new field changes the keys unless it is listed here.
+NOT_IN_ANY_KEY = ("log_every", "eval_batch_size", "max_parallel_students")
+# The teacher phase does not see the students' settings; its epochs are resolved.
+NOT_IN_TEACHER_KEY = NOT_IN_ANY_KEY + (
+    "student", "student_shortcut", "methods", "seeds", "seeds_per_method", "temperature",
+    "alpha", "teacher_checkpoint", "epochs", "teacher_epochs")
+# A students pass holds its (method, seed) jobs; its teacher is keyed by content or its key.
+NOT_IN_STUDENTS_KEY = NOT_IN_ANY_KEY + (
+    "methods", "seeds", "seeds_per_method", "teacher_checkpoint", "teacher_epochs")
+
+
+def _config_without(c: ExperimentConfig, excluded) -> dict:
+    return {k: v for k, v in dataclasses.asdict(c).items() if k not in excluded}
+
+
 def teacher_key(c: ExperimentConfig) -> dict:
-    return dict(dataset=c.dataset, arch=c.teacher, epochs=c.teacher_epochs_,
-                batch_size=c.batch_size, optimizer=c.optimizer, lr=c.lr,
-                lr_batch_size=c.lr_batch_size, momentum=c.momentum, nesterov=c.nesterov,
-                weight_decay=c.weight_decay, schedule=c.schedule,
-                warmup_epochs=c.warmup_epochs, seed=c.seed, train_subset=c.train_subset,
-                test_subset=c.test_subset, dtype=c.dtype)
+    return {**_config_without(c, NOT_IN_TEACHER_KEY), "teacher_epochs": c.teacher_epochs_}
+
+
+def students_key(c: ExperimentConfig, teacher_summary: dict, jobs) -> dict:
+    teacher = ({"checkpoint_sha256": teacher_summary["checkpoint_sha256"]}
+               if c.teacher_checkpoint else teacher_key(c))
+    return {**_config_without(c, NOT_IN_STUDENTS_KEY), "teacher": teacher,
+            "jobs": [list(j) for j in jobs]}
 
 
 def student_jobs(c: ExperimentConfig) -> list[tuple[str, int]]:
@@ -353,8 +396,9 @@ class Logger:
         with open(self.log_path, "a") as f:
             f.write(text + "\n")
 
-    def drop_after(self, phase: str, step: int) -> None:
-        """Forgets records of ``phase`` past ``step`` (written before an interruption)."""
+    def drop_after(self, phase: str, step: int, run_id: str) -> None:
+        """Forgets records of ``phase`` of the configuration ``run_id`` past ``step`` (written
+        before an interruption); records of other configurations are kept."""
         if not self.enabled or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
@@ -365,7 +409,8 @@ class Logger:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if not (rec.get("phase") == phase and rec.get("step", 0) > step):
+            if not (rec.get("phase") == phase and rec.get("run") == run_id
+                    and rec.get("step", 0) > step):
                 keep.append(line)
         tmp = self.metrics_path + ".tmp"
         with open(tmp, "w") as f:
@@ -383,6 +428,20 @@ def _write_json(path: str, obj) -> None:
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
+
+
+def _read_json_or_none(path: str, log=None):
+    """The JSON at ``path``; ``None`` if absent or unreadable (a file cut by a kill or a full
+    disk is recomputed from the checkpoints, not trusted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return _read_json(path)
+    except (OSError, ValueError) as err:
+        if log is not None:
+            log.line(f"warning: {path} is unreadable ({type(err).__name__}); recomputing it "
+                     "from the checkpoints")
+        return None
 
 
 # ----------------------------------------------------------------------- phases
@@ -420,8 +479,8 @@ class Run:
             from kd_jax import data
             c = self.c
             t0 = time.perf_counter()
-            train_x, train_y = data.load_arrays(c.dataset, "train", data_dir=self.args.data_dir)
-            test_x, test_y = data.load_arrays(c.dataset, "test", data_dir=self.args.data_dir)
+            train_x, train_y = _load_split(c.dataset, "train", self.args.data_dir)
+            test_x, test_y = _load_split(c.dataset, "test", self.args.data_dir)
             if c.train_subset:
                 train_x, train_y = _subset(train_x, train_y, c.train_subset, self.num_classes,
                                            "--train-subset")
@@ -475,23 +534,33 @@ class Run:
             return self._load_teacher(c.teacher_checkpoint)
         tdir = os.path.join(self.workdir, f"teacher_{c.teacher}_{_hash(teacher_key(c))}")
         final = os.path.join(tdir, "final")
-        if os.path.exists(os.path.join(tdir, "result.json")):
-            summary = _read_json(os.path.join(tdir, "result.json"))
-            self.log.line(f"teacher: {c.teacher} already trained "
-                          f"({summary['test_accuracy']:.4f}), reusing {final}")
-            return self._load_teacher(final, summary=summary)
+        summary = _read_json_or_none(os.path.join(tdir, "result.json"), self.log)
+        if summary is not None:
+            try:
+                loaded = self._load_teacher(final, summary=summary)
+            except UsageError as err:
+                # final/ and result.json are derived from checkpoints/: rebuild them.
+                self.log.line(f"warning: the trained teacher in {final} is unreadable ({err}); "
+                              "recomputing it from its checkpoints")
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                self.log.line(f"teacher: {c.teacher} already trained "
+                              f"({summary['test_accuracy']:.4f}), reusing {final}")
+                return loaded
         model = self.model(c.teacher)
         loader = self.loader()
         tx, schedule = self.optimizer(c.teacher_epochs_, loader.steps_per_epoch)
         state = train.create_train_state(model, tx, init_seed=c.seed, data_seed=c.seed)
         states = loop.replicate((state,), self.mesh)
+        self.args.checkpoint_bytes = _tree_bytes(states)
         ckpt = checkpoint.Checkpointer(os.path.join(tdir, "checkpoints"))
-        self.log.drop_after("teacher", ckpt.latest_step() or 0)
+        self.log.drop_after("teacher", ckpt.latest_step() or 0, os.path.basename(tdir))
         result = loop.fit(
             states, loop.make_supervised_step(self.mesh, dataset=c.dataset), loader=loader,
             epochs=c.teacher_epochs_, evaluate=self.evaluator(), names=[c.teacher],
             phase="teacher", checkpointer=ckpt, lr_fn=schedule, log_every=c.log_every,
-            log_fn=self._log_fn("teacher"), progress=not self.args.no_progress,
+            log_fn=self._log_fn("teacher", os.path.basename(tdir)),
+            progress=not self.args.no_progress,
             meta={"arch": c.teacher})
         ckpt.close()
         (state,) = result.states
@@ -531,7 +600,7 @@ class Run:
                                                 sharding=NamedSharding(self.mesh, P()))
         except Exception as err:  # noqa: BLE001 — any unreadable array is the user's file
             raise UsageError(f"--teacher-checkpoint {spec!r}: its arrays cannot be read as a "
-                             f"{meta.get('arch')} ({type(err).__name__}: {str(err)[:160]}); "
+                             f"{meta.get('arch')} ({type(err).__name__}: {_squash(err, 160)}); "
                              "convert it again or point at another checkpoint.") from err
         self.teacher_model, self.teacher_variables = loaded.model, loaded.variables
         # A converted teacher keeps its authors' normalisation; kd_jax-trained ones use the
@@ -575,21 +644,15 @@ class Run:
         results = []
         passes = split_passes(jobs, c.max_parallel_students)
         for i, group in enumerate(passes):
-            key = dict(teacher=teacher_key(c) if not c.teacher_checkpoint else
-                       {"checkpoint_sha256": teacher_summary["checkpoint_sha256"]},
-                       student=c.student, student_shortcut=c.student_shortcut, epochs=c.epochs, batch_size=c.batch_size,
-                       optimizer=c.optimizer, lr=c.lr, lr_batch_size=c.lr_batch_size,
-                       nesterov=c.nesterov, weight_decay=c.weight_decay, schedule=c.schedule,
-                       warmup_epochs=c.warmup_epochs, seed=c.seed, train_subset=c.train_subset,
-                       test_subset=c.test_subset, dtype=c.dtype, temperature=c.temperature,
-                       alpha=c.alpha, jobs=group)
+            key = students_key(c, teacher_summary, group)
             names = [f"{m}/seed{s}" for m, s in group]
             pdir = os.path.join(self.workdir, f"students_{c.student}_{_hash(key)}")
             done = os.path.join(pdir, "result.json")
-            if os.path.exists(done):
+            stored = _read_json_or_none(done, self.log)
+            if stored is not None:
                 self.log.line(f"students pass {i + 1}/{len(passes)} ({', '.join(names)}) "
                               "already trained")
-                results += _read_json(done)
+                results += stored
                 continue
             phase = f"students{i + 1}"
             self.log.line(f"students pass {i + 1}/{len(passes)}: {len(group)} x {c.student} "
@@ -616,12 +679,15 @@ class Run:
                 step_fn = lambda s, b: step(s, tvars, b)  # noqa: E731
             else:
                 step_fn = loop.make_supervised_step(self.mesh, dataset=c.dataset)
+            self.args.checkpoint_bytes = _tree_bytes(states)
             ckpt = checkpoint.Checkpointer(os.path.join(pdir, "checkpoints"))
-            self.log.drop_after(phase, ckpt.latest_step() or 0)
+            run_id = os.path.basename(pdir)
+            self.log.drop_after(phase, ckpt.latest_step() or 0, run_id)
             result = loop.fit(states, step_fn, loader=loader, epochs=c.epochs,
                               evaluate=self.evaluator(), names=names, phase=phase,
                               checkpointer=ckpt, lr_fn=schedule, log_every=c.log_every,
-                              log_fn=self._log_fn(phase), progress=not self.args.no_progress,
+                              log_fn=self._log_fn(phase, run_id),
+                              progress=not self.args.no_progress,
                               meta={"jobs": group})
             ckpt.close()
             group_results = []
@@ -641,9 +707,10 @@ class Run:
             results += group_results
         return results
 
-    def _log_fn(self, phase):
+    def _log_fn(self, phase, run_id):
         def log(record):
-            self.log.metrics(record)
+            # run_id (the phase's directory) tells records of different configurations apart.
+            self.log.metrics({**record, "run": run_id})
             if "test_accuracy" in record:
                 self.log.line(
                     f"[{phase} {record['student']}] epoch {record['epoch']} "
@@ -651,6 +718,22 @@ class Run:
                     f"test_acc {record['test_accuracy']:.4f} "
                     f"{record['images_per_s']:.0f} img/s {record['epoch_time_s']:.1f}s")
         return log
+
+
+def _load_split(dataset: str, split: str, data_dir: str | None):
+    """``data.load_arrays``, with a damaged prepared copy reported in one line."""
+    from kd_jax import data
+    try:
+        return data.load_arrays(dataset, split, data_dir=data_dir)
+    except data.DataNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 — array_record/TFDS raise many kinds
+        where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        raise UsageError(
+            f"could not read the {split} split of {dataset} from {where} "
+            f"({type(err).__name__}: {_squash(err, 200)}); its prepared files are damaged: delete "
+            f"{os.path.join(where, dataset)} and prepare it again (pip install -e \".[prepare]\" "
+            "with network), or pass --data-dir with an intact copy.") from err
 
 
 def _subset(x, y, n, num_classes, flag):
@@ -663,6 +746,17 @@ def _subset(x, y, n, num_classes, flag):
         return data.balanced_subset(x, y, per_class)
     except ValueError as err:
         raise UsageError(f"{flag} {n}: {err}") from err
+
+
+def _squash(err: BaseException, limit: int) -> str:
+    """An exception's message on one line, cut to ``limit`` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+    return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
 
 
 def _eval_batch(requested: int, devices: int) -> int:
@@ -755,10 +849,9 @@ def plot_curves(path: str, teacher_hist: list[dict] | None, students: list[dict]
 
 def all_done(config, args) -> dict | None:
     """The stored results if every phase of this exact configuration has finished."""
-    path = os.path.join(args.workdir_resolved, "results.json")
-    if not os.path.exists(path):
+    stored = _read_json_or_none(os.path.join(args.workdir_resolved, "results.json"))
+    if not isinstance(stored, dict):
         return None
-    stored = _read_json(path)
     if stored.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
         return None
     digest = stored.get("teacher", {}).get("checkpoint_sha256")
@@ -769,36 +862,96 @@ def all_done(config, args) -> dict | None:
 
 def main(argv=None) -> int:
     config, args = parse_args(argv)
+    args.workdir_resolved = args.workdir
     try:
-        config = adopt_teacher_checkpoint(config, args)
-        args.workdir_resolved = args.workdir or os.path.join(
-            "runs", f"{config.dataset}_{config.teacher}_{config.student}")
-        validate(config, args)
-        stored = all_done(config, args)
-        if stored is not None:
-            print(f"Finished run in {args.workdir_resolved}; stored results:\n")
-            print(results_table(stored))
-            return 0
-        ensure_writable(args.workdir_resolved)
-        from kd_jax import data, parallel
-        parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
-                                              args.process_id)
-        run = Run(config, args)
-        run.log.line(f"kd_jax: {config.dataset} {config.teacher} -> {config.student} "
-                     f"methods {','.join(config.methods)} x {config.seeds} seeds on "
-                     f"{run.devices} {run.jax.devices()[0].platform} device(s), "
-                     f"{run.dtype.name}; workdir {args.workdir_resolved}")
-        teacher = run.teacher_phase()
-        students = run.student_phase(teacher)
+        return _main(config, args)
     except UsageError as err:
         print(f"cifar_kd.py: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cifar_kd.py: interrupted; rerun the same command to resume from the last "
+              f"checkpoint in {args.workdir_resolved}.", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001
         from kd_jax import data, loop
         if isinstance(err, (data.DataNotFoundError, loop.NonFiniteLossError)):
             print(f"cifar_kd.py: error: {err}", file=sys.stderr)
             return 1
+        if _is_disk_full(err):
+            wd = os.path.abspath(args.workdir_resolved or ".")
+            free = shutil.disk_usage(wd).free if os.path.isdir(wd) else 0
+            need = getattr(args, "checkpoint_bytes", 0)
+            print(f"cifar_kd.py: error: no space left on device while writing under {wd} "
+                  f"({free / 1e6:.0f} MB free; a checkpoint of this run needs about "
+                  f"{max(need, 1e6) / 1e6:.0f} MB, keep a few times that free); free space and "
+                  "rerun the same command: it resumes from the last complete checkpoint.",
+                  file=sys.stderr)
+            return 1
         raise
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC anywhere in the chain (Orbax and TensorStore wrap the OSError)."""
+    while err is not None:
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or \
+                "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def acquire_workdir_lock(workdir: str):
+    """An exclusive lock on ``workdir`` for this process's lifetime (released by the kernel
+    when the process ends, however it ends); a second run in the same workdir is refused."""
+    import fcntl
+    path = os.path.join(workdir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(f"workdir {workdir} is in use by a running experiment (pid {owner}); "
+                         "wait for it to finish or pass another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _main(config: ExperimentConfig, args) -> int:
+    config = adopt_teacher_checkpoint(config, args)
+    args.workdir_resolved = args.workdir or os.path.join(
+        "runs", f"{config.dataset}_{config.teacher}_{config.student}")
+    validate(config, args)
+    stored = all_done(config, args)
+    if stored is not None:
+        print(f"Finished run in {args.workdir_resolved}; stored results:\n")
+        print(results_table(stored))
+        return 0
+    ensure_writable(args.workdir_resolved)
+    from kd_jax import parallel
+    try:
+        parallel.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                              args.process_id)
+    except (ValueError, RuntimeError, TimeoutError) as err:
+        raise UsageError(f"multi-host start-up failed: {err}") from err
+    import jax
+    lock = acquire_workdir_lock(args.workdir_resolved) if jax.process_index() == 0 else None
+    run = Run(config, args)
+    jobs = student_jobs(config)
+    run.log.line(f"kd_jax: {config.dataset} {config.teacher} -> {config.student} on "
+                 f"{run.devices} {run.jax.devices()[0].platform} device(s), "
+                 f"{run.dtype.name}; workdir {args.workdir_resolved}")
+    teacher_plan = (f"load {config.teacher_checkpoint}" if config.teacher_checkpoint else
+                    f"train {config.teacher} for {config.teacher_epochs_} epochs")
+    run.log.line(f"plan: teacher: {teacher_plan}; students: {len(jobs)} x {config.student} "
+                 f"({', '.join(f'{m}/seed{s}' for m, s in jobs)}) for {config.epochs} epochs "
+                 f"in {len(split_passes(jobs, config.max_parallel_students))} pass(es)")
+    teacher = run.teacher_phase()
+    students = run.student_phase(teacher)
     results = summarise(config, teacher, students)
     results["teacher_checkpoint"] = config.teacher_checkpoint
     results["devices"] = f"{run.devices} x {run.jax.devices()[0].device_kind}"
@@ -806,17 +959,18 @@ def main(argv=None) -> int:
         wd = args.workdir_resolved
         table = results_table(results)
         teacher_hist = None
-        for name in os.listdir(wd):
-            hist_path = os.path.join(wd, name, "history.json")
-            if name.startswith(f"teacher_{config.teacher}_{_hash(teacher_key(config))}") \
-                    and os.path.exists(hist_path):
-                teacher_hist = _read_json(hist_path)
+        hist_path = os.path.join(wd, f"teacher_{config.teacher}_{_hash(teacher_key(config))}",
+                                 "history.json")
+        if not config.teacher_checkpoint:
+            teacher_hist = _read_json_or_none(hist_path)
         plot_curves(os.path.join(wd, "curves.png"), teacher_hist, students)
         with open(os.path.join(wd, "results.md"), "w") as f:
             f.write(table)
         _write_json(os.path.join(wd, "results.json"), results)
         print("\n" + table)
         print(f"Outputs: {wd}/results.json, results.md, metrics.jsonl, curves.png")
+    if lock is not None:
+        lock.close()
     return 0
 
 
