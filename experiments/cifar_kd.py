@@ -33,217 +33,354 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHOD_NAMES = ("none", "kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt")
 
 
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-    """Everything a run depends on. Presets (:data:`PRESETS`) override these defaults."""
-
-    dataset: str = "cifar10"
-    teacher: str = "resnet56"
-    student: str = "resnet20"
-    # A trained or converted teacher to distil from instead of training one: a kd_jax
-    # variables checkpoint, or "pretrained:<dataset>/<arch>" for a shipped one.
-    teacher_checkpoint: str | None = None
-    student_shortcut: str | None = None  # "A" | "B": the student ResNet's shortcut type
-    methods: tuple[str, ...] = ("kd",)
-    epochs: int = 240
-    teacher_epochs: int | None = None  # None: same as epochs
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    lr_batch_size: int = 64  # lr is the rate at this batch size; scaled linearly
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    warmup_epochs: float = 0.0
-    temperature: float | None = None  # None: each method's preset
-    alpha: float | None = None  # KD's weight of the distillation term
-    seed: int = 0
-    seeds: int = 1
-    seeds_per_method: tuple[tuple[str, int], ...] = ()  # (method, seeds) overriding --seeds
-    train_subset: int | None = None  # total training images, class-balanced
-    test_subset: int | None = None
-    dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
-    max_parallel_students: int = 8
-    eval_batch_size: int = 500
-    log_every: int = 50
-
-    @property
-    def teacher_epochs_(self) -> int:
-        return self.epochs if self.teacher_epochs is None else self.teacher_epochs
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The CRD benchmark recipe (Tian et al. 2020) on CIFAR-10.
-    "default": {},
-    # All phases on 1,000 images with tiny models: about 80 s on a 2-core CPU. A batch of 48
-    # splits evenly over 1, 2, 3, 4, 6, 8, 12, 16 devices.
-    "smoke": dict(teacher="resnet14", student="resnet8", methods=("kd",), epochs=2,
-                  teacher_epochs=3, batch_size=48, lr=0.1, lr_batch_size=128,
-                  schedule="cosine", train_subset=1000, test_subset=500, log_every=5,
-                  eval_batch_size=250),
-    # The blog post this project grew from, with its bugs fixed (see README).
-    "seed": dict(teacher="resnet18", student="resnet18", methods=("kd",), epochs=100,
-                 batch_size=128, optimizer="adam", lr=1e-3, lr_batch_size=128,
-                 weight_decay=0.0, schedule="constant", temperature=5.0, alpha=0.5),
-    # The CPU protocols (results/cifar10-cpu, results/cifar100-cpu): the published teachers
-    # shipped with kd_jax, resnet8 students, about 100 min on a 2-core CPU each.
-    "cifar10-cpu": dict(teacher="resnet56", teacher_checkpoint="pretrained:cifar10/resnet56",
-                        student="resnet8", methods=("none", "kd", "dkd", "dist"),
-                        epochs=5, batch_size=128, lr=0.1, lr_batch_size=128, nesterov=True,
-                        weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, seeds=2,
-                        seeds_per_method=(("dkd", 1), ("dist", 1))),
-    "cifar100-cpu": dict(dataset="cifar100", teacher="resnet56",
-                         teacher_checkpoint="pretrained:cifar100/resnet56",
-                         student="resnet8", student_shortcut="B",
-                         methods=("none", "kd", "dkd", "dist", "fitnet", "at"),
-                         epochs=5, batch_size=128, lr=0.1, lr_batch_size=128, nesterov=True,
-                         weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, seeds=2,
-                         seeds_per_method=(("dkd", 1), ("dist", 1), ("fitnet", 1), ("at", 1))),
-}
-
-
 class UsageError(Exception):
     """A mistake in the command line or the environment; reported in one line."""
 
 
+def _opt(default, help, **meta):
+    """A configuration field: its default, its flag's help, and flag metadata (``flag``: the
+    flag's name when it is not the field's, ``choices``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _opt("cifar10", "dataset", choices=("cifar10", "cifar100"))
+    batch_size: int = _opt(64, "global batch size")
+    train_subset: int | None = _opt(
+        None, "use N training images, the first N/classes of each class (default: all)")
+    test_subset: int | None = _opt(None, "evaluate on N test images, class-balanced "
+                                         "(default: all)")
+    eval_batch_size: int = _opt(500, "evaluation batch size")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer: str = _opt("sgd", "optimiser", choices=("sgd", "adam"))
+    lr: float = _opt(0.05, "learning rate at --lr-batch-size images, scaled linearly with the "
+                           "batch size")
+    lr_batch_size: int = _opt(64, "the batch size --lr refers to")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "Nesterov momentum")
+    weight_decay: float = _opt(5e-4, "weight decay (L2 for SGD, decoupled for Adam)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: int = _opt(240, "student epochs")
+    teacher_epochs: int | None = _opt(None, "teacher epochs (default: --epochs)")
+    schedule: str = _opt("step", "learning-rate schedule (step: x--decay-factor at "
+                                 "--milestones, fractions of the run)",
+                         choices=("step", "cosine", "onecycle", "constant"))
+    milestones: tuple[float, ...] = _opt((150 / 240, 180 / 240, 210 / 240),
+                                         "step schedule: comma list of fractions of the run")
+    decay_factor: float = _opt(0.1, "step schedule: the rate's factor at each milestone")
+    warmup_epochs: float = _opt(0.0, "linear warm-up epochs")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    methods: tuple[str, ...] = _opt(("kd",), f"comma list of {','.join(METHOD_NAMES)}; 'none' "
+                                             "is the baseline student, always added",
+                                    flag="method")
+    temperature: float | None = _opt(None, "distillation temperature of kd, dkd, dist "
+                                           "(default: each method's, 4)")
+    alpha: float | None = _opt(None, "KD: weight of the distillation term, CE gets 1-alpha "
+                                     "(default 0.9)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    teacher: str = _opt("resnet56", "teacher architecture")
+    student: str = _opt("resnet20", "student architecture")
+    student_shortcut: str | None = _opt(
+        None, "ResNet student's shortcut: A zero-padded identity (default of resnetN), B 1x1 "
+              "conv + BN (RepDistiller's, chenyaofo's)", choices=("A", "B"))
+    teacher_checkpoint: str | None = _opt(
+        None, "distil from this teacher instead of training one: a shipped published teacher "
+              "(pretrained:cifar10/resnet20, pretrained:cifar10/resnet56, "
+              "pretrained:cifar100/resnet56), a checkpoint written by python -m kd_jax.convert, "
+              "or <workdir>/teacher_*/final")
+    dtype: str = _opt("auto", "compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)",
+                      choices=("auto", "float32", "bfloat16"))
+    seed: int = _opt(0, "base seed")
+    seeds: int = _opt(1, "seeds per method, reported as mean ± std")
+    seeds_per_method: tuple[tuple[str, int], ...] = _opt(
+        (), "per-method seed counts overriding --seeds, e.g. dkd=1,dist=1")
+    max_parallel_students: int = _opt(8, "at most K students per compiled step")
+    log_every: int = _opt(50, "steps between logged metrics")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a run depends on, in one object: the flags, ``--config`` files, presets,
+    ``config.json``, the records and the run directories' keys all derive from it. Field names
+    are unique across sections; each is the flag ``--field-name`` (or its ``flag``)."""
+
+    data: DataConfig = DataConfig()
+    optim: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    run: RunConfig = RunConfig()
+
+    @property
+    def teacher_epochs_(self) -> int:
+        s = self.schedule
+        return s.epochs if s.teacher_epochs is None else s.teacher_epochs
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+
+
+def _leaves() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every setting's name -> (its section, its field)."""
+    out = {}
+    for section in dataclasses.fields(ExperimentConfig):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                    else type(section.default)):
+            assert f.name not in out, f"setting {f.name} is in two sections"
+            out[f.name] = (section.name, f)
+    return out
+
+
+LEAVES = _leaves()
+
+
+def flat(config: ExperimentConfig) -> dict[str, Any]:
+    """``{setting: value}`` over all sections."""
+    return {name: getattr(getattr(config, section), name)
+            for name, (section, _) in LEAVES.items()}
+
+
+def configure(base: ExperimentConfig | None = None, **settings) -> ExperimentConfig:
+    """``base`` (default: the defaults) with settings replaced by name, whatever section."""
+    base = base or ExperimentConfig()
+    by_section: dict[str, dict] = {}
+    for name, value in settings.items():
+        if name not in LEAVES:
+            raise UsageError(f"unknown setting {name!r}; settings: {', '.join(LEAVES)}.")
+        by_section.setdefault(LEAVES[name][0], {})[name] = _coerce(name, value)
+    return dataclasses.replace(base, **{
+        s: dataclasses.replace(getattr(base, s), **v) for s, v in by_section.items()})
+
+
+def _coerce(name: str, value):
+    """JSON/flag values in the field's type (lists -> tuples)."""
+    if name == "seeds_per_method":
+        if isinstance(value, str):
+            pairs = [p.split("=") for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise UsageError(f"--seeds-per-method takes method=N pairs, got {value!r}.")
+            value = [(m.strip(), n) for m, n in pairs]
+        try:
+            return tuple((str(m), int(n)) for m, n in (value.items() if isinstance(value, dict)
+                                                       else value))
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"seeds_per_method must be method=N pairs, got {value!r}.") from err
+    if name == "methods" and isinstance(value, str):
+        return tuple(m.strip() for m in value.split(",") if m.strip())
+    if name == "milestones" and isinstance(value, str):
+        try:
+            return tuple(float(m) for m in value.split(",") if m.strip())
+        except ValueError as err:
+            raise UsageError(f"--milestones takes a comma list of fractions, got {value!r}.") \
+                from err
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + LEAVES[name][1].metadata.get("flag", name).replace("_", "-")
+
+
+# Presets are configurations. The CRD benchmark recipe (Tian et al. 2020) is the default.
+PRESETS: dict[str, ExperimentConfig] = {
+    "default": ExperimentConfig(),
+    # All phases on 1,000 images with tiny models: about 80 s on a 2-core CPU. A batch of 48
+    # splits evenly over 1, 2, 3, 4, 6, 8, 12, 16 devices.
+    "smoke": configure(teacher="resnet14", student="resnet8", methods=("kd",), epochs=2,
+                       teacher_epochs=3, batch_size=48, lr=0.1, lr_batch_size=128,
+                       schedule="cosine", train_subset=1000, test_subset=500, log_every=5,
+                       eval_batch_size=250),
+    # The blog post this project grew from, with its bugs fixed (see README).
+    "seed": configure(teacher="resnet18", student="resnet18", methods=("kd",), epochs=100,
+                      batch_size=128, optimizer="adam", lr=1e-3, lr_batch_size=128,
+                      weight_decay=0.0, schedule="constant", temperature=5.0, alpha=0.5),
+    # The CPU protocols (results/cifar10-cpu, results/cifar100-cpu): the published teachers
+    # shipped with kd_jax, resnet8 students, about 100 min on a 2-core CPU each.
+    "cifar10-cpu": configure(teacher="resnet56", teacher_checkpoint="pretrained:cifar10/resnet56",
+                             student="resnet8", methods=("none", "kd", "dkd", "dist"),
+                             epochs=5, batch_size=128, lr=0.1, lr_batch_size=128, nesterov=True,
+                             weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0, seeds=2,
+                             seeds_per_method=(("dkd", 1), ("dist", 1))),
+    "cifar100-cpu": configure(dataset="cifar100", teacher="resnet56",
+                              teacher_checkpoint="pretrained:cifar100/resnet56",
+                              student="resnet8", student_shortcut="B",
+                              methods=("none", "kd", "dkd", "dist", "fitnet", "at"),
+                              epochs=5, batch_size=128, lr=0.1, lr_batch_size=128,
+                              nesterov=True, weight_decay=5e-4, schedule="cosine",
+                              warmup_epochs=1.0, seeds=2,
+                              seeds_per_method=(("dkd", 1), ("dist", 1), ("fitnet", 1),
+                                                ("at", 1))),
+}
+
+
 # --------------------------------------------------------------------------- CLI
 
+def _type_of(f: dataclasses.Field):
+    """The argparse type of a setting (from its default and annotation)."""
+    text = str(f.type)
+    if "tuple" in text:
+        return str  # comma lists, coerced by configure
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Settings from ``path``: JSON (nested by section as in ``config.json``, or flat) or a
+    Python file defining ``config`` (an :class:`ExperimentConfig` or a dict of settings)."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                raw = json.load(f)
+        elif path.endswith(".py"):
+            namespace: dict[str, Any] = {"ExperimentConfig": ExperimentConfig,
+                                         "configure": configure, "PRESETS": PRESETS}
+            with open(path) as f:
+                exec(compile(f.read(), path, "exec"), namespace)  # noqa: S102 — the user's own file
+            if "config" not in namespace:
+                raise UsageError(f"--config {path} defines no `config`.")
+            raw = namespace["config"]
+        else:
+            raise UsageError(f"--config {path}: use a .json or .py file.")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UsageError(f"--config {path} cannot be read ({type(err).__name__}: {err}).") \
+            from err
+    if isinstance(raw, ExperimentConfig):
+        return flat(raw)
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path} must hold settings (a JSON object or a dict).")
+    settings = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            settings.update(value)
+        else:
+            settings[key] = value
+    return settings
+
+
 def parse_args(argv=None) -> tuple[ExperimentConfig, argparse.Namespace]:
-    d = ExperimentConfig()
+    """The configuration: ``--preset``, then ``--config``, then flags; flags derive from the
+    fields of :class:`ExperimentConfig`."""
+    d = flat(ExperimentConfig())
     p = argparse.ArgumentParser(
         prog="cifar_kd.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                   help="a named configuration; other flags override its values (default: default, "
-                        "the CRD recipe)")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100"], default=None,
-                   help=f"dataset (default {d.dataset})")
+                   help="a named configuration; --config and flags override its values "
+                        "(default: default, the CRD recipe)")
+    p.add_argument("--config", default=None,
+                   help="a configuration file: .json (like a workdir's config.json, or flat "
+                        "settings) or .py defining `config`; flags override it")
     p.add_argument("--data-dir", default=None,
                    help="a prepared TFDS data directory (default: $TFDS_DATA_DIR, else "
                         "~/tensorflow_datasets)")
     p.add_argument("--workdir", default=None,
                    help="where checkpoints and results go (default runs/<dataset>_<teacher>_"
                         "<student>)")
-    p.add_argument("--teacher", default=None, help=f"teacher architecture (default {d.teacher})")
-    p.add_argument("--student", default=None, help=f"student architecture (default {d.student})")
-    p.add_argument("--student-shortcut", choices=["A", "B"], default=None,
-                   help="ResNet student's shortcut: A zero-padded identity (default of resnetN), "
-                        "B 1x1 conv + BN (RepDistiller's, chenyaofo's)")
-    p.add_argument("--method", default=None,
-                   help=f"comma list of {','.join(METHOD_NAMES)} (default {','.join(d.methods)}); "
-                        "'none' is the baseline student, always added")
-    p.add_argument("--epochs", type=int, default=None, help=f"student epochs (default {d.epochs})")
-    p.add_argument("--teacher-epochs", type=int, default=None,
-                   help="teacher epochs (default: --epochs)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"global batch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate at --lr-batch-size images, scaled linearly with the batch "
-                        f"size (default {d.lr} at {d.lr_batch_size})")
-    p.add_argument("--lr-batch-size", type=int, default=None,
-                   help=f"the batch size --lr refers to (default {d.lr_batch_size})")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
-                   help=f"optimiser (default {d.optimizer})")
-    p.add_argument("--schedule", choices=["step", "cosine", "onecycle", "constant"], default=None,
-                   help=f"learning-rate schedule (default {d.schedule}: x0.1 at 62.5%%, 75%%, "
-                        "87.5%% of the run)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help=f"weight decay (default {d.weight_decay})")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="distillation temperature (default: each method's, 4)")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="KD: weight of the distillation term, CE gets 1-alpha (default 0.9)")
-    p.add_argument("--seed", type=int, default=None, help=f"base seed (default {d.seed})")
-    p.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds per method, reported as mean ± std (default {d.seeds})")
-    p.add_argument("--train-subset", type=int, default=None,
-                   help="use N training images, the first N/classes of each class "
-                        "(default: all)")
-    p.add_argument("--test-subset", type=int, default=None,
-                   help="evaluate on N test images, class-balanced (default: all)")
-    p.add_argument("--teacher-checkpoint", default=None,
-                   help="distil from this teacher instead of training one: a shipped published "
-                        "teacher (pretrained:cifar10/resnet20, pretrained:cifar10/resnet56, "
-                        "pretrained:cifar100/resnet56), a checkpoint written by "
-                        "python -m kd_jax.convert, or <workdir>/teacher_*/final")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    p.add_argument("--max-parallel-students", type=int, default=None,
-                   help=f"at most K students per compiled step (default {d.max_parallel_students})")
-    p.add_argument("--log-every", type=int, default=None,
-                   help=f"steps between logged metrics (default {d.log_every})")
+    for name, (section, f) in LEAVES.items():
+        kind = _type_of(f)
+        default = d[name]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if name == "seeds_per_method":
+            shown = ",".join(f"{m}={n}" for m, n in default) or "none"
+        help = f.metadata["help"]
+        if "default" not in help:
+            help += f" (default {shown})"
+        kwargs = dict(default=None, dest=name, help=help)
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        p.add_argument(_flag(name), **kwargs)
     p.add_argument("--coordinator-address", default=None,
-                   help="multi-host: host:port of process 0 (or $KD_JAX_COORDINATOR)")
+                   help="multi-host: host:port of process 0 (default: detected from the "
+                        "cluster environment)")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the one-line epoch summaries stay)")
     args = p.parse_args(argv)
 
-    values = dict(PRESETS[args.preset])
-    flag_to_field = {
-        "dataset": "dataset", "teacher": "teacher", "student": "student", "epochs": "epochs",
-        "teacher_epochs": "teacher_epochs", "batch_size": "batch_size", "lr": "lr",
-        "lr_batch_size": "lr_batch_size", "optimizer": "optimizer", "schedule": "schedule",
-        "weight_decay": "weight_decay", "temperature": "temperature", "alpha": "alpha",
-        "seed": "seed", "seeds": "seeds", "train_subset": "train_subset",
-        "test_subset": "test_subset", "dtype": "dtype",
-        "max_parallel_students": "max_parallel_students", "log_every": "log_every",
-        "teacher_checkpoint": "teacher_checkpoint", "student_shortcut": "student_shortcut"}
-    for flag, field in flag_to_field.items():
-        if getattr(args, flag) is not None:
-            values[field] = getattr(args, flag)
-    if args.seeds is not None:
-        values["seeds_per_method"] = ()  # an explicit --seeds applies to every method
-    if args.method is not None:
-        values["methods"] = tuple(m.strip() for m in args.method.split(",") if m.strip())
-    return ExperimentConfig(**values), args
+    config = PRESETS[args.preset]
+    from_file = {}
+    try:
+        if args.config:
+            from_file = load_config_file(args.config)
+            config = configure(config, **from_file)
+        given = {name: getattr(args, name) for name in LEAVES if getattr(args, name) is not None}
+        if "seeds" in given and "seeds_per_method" not in given:
+            given["seeds_per_method"] = ()  # an explicit --seeds applies to every method
+        config = configure(config, **given)
+    except UsageError as err:
+        p.exit(2, f"cifar_kd.py: error: {err}\n")
+    args.given = set(given) | set(from_file)  # settings the user chose, not the preset
+    return config, args
 
 
 def validate(config: ExperimentConfig, args) -> None:
     """Catches every mistake that can be caught before anything runs."""
     from kd_jax import models
+    settings = flat(config)
     for role in ("teacher", "student"):
-        arch = getattr(config, role)
+        arch = settings[role]
         if arch not in models.available():
             raise UsageError(f"unknown {role} architecture {arch!r}; choose from "
                              f"{', '.join(models.available())}.")
-    unknown = [m for m in config.methods if m not in METHOD_NAMES]
-    if unknown or not config.methods:
+    unknown = [m for m in config.objective.methods if m not in METHOD_NAMES]
+    if unknown or not config.objective.methods:
         raise UsageError(f"unknown method {', '.join(unknown) or '(empty)'}; --method takes a "
                          f"comma list of {', '.join(METHOD_NAMES)}.")
     for name in ("epochs", "batch_size", "seeds", "max_parallel_students", "log_every",
-                 "lr_batch_size"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got "
-                             f"{getattr(config, name)}.")
+                 "lr_batch_size", "eval_batch_size"):
+        if settings[name] < 1:
+            raise UsageError(f"{_flag(name)} must be at least 1, got {settings[name]}.")
     if config.teacher_epochs_ < 1:
         raise UsageError(f"--teacher-epochs must be at least 1, got {config.teacher_epochs_}.")
-    if config.alpha is not None and not 0 <= config.alpha <= 1:  # NaN fails too
-        raise UsageError(f"--alpha must be in [0, 1], got {config.alpha}.")
-    positive = {"temperature": config.temperature, "lr": config.lr}
+    if config.objective.alpha is not None and not 0 <= config.objective.alpha <= 1:  # NaN fails too
+        raise UsageError(f"--alpha must be in [0, 1], got {config.objective.alpha}.")
+    positive = {"temperature": config.objective.temperature, "lr": config.optim.lr}
     for name, value in positive.items():
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got "
                              f"{value}.")
-    non_negative = {"weight_decay": config.weight_decay, "momentum": config.momentum,
-                    "warmup_epochs": config.warmup_epochs}
+    non_negative = {"weight_decay": config.optim.weight_decay, "momentum": config.optim.momentum,
+                    "warmup_epochs": config.schedule.warmup_epochs}
     for name, value in non_negative.items():
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
                              f"{value}.")
-    if config.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {config.seed}.")
+    if config.run.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {config.run.seed}.")
+    if not (math.isfinite(config.schedule.decay_factor) and config.schedule.decay_factor > 0) \
+            or any(not 0 < m < 1 for m in config.schedule.milestones):
+        raise UsageError(f"--milestones must be fractions in (0, 1) and --decay-factor > 0, got "
+                         f"{config.schedule.milestones} and {config.schedule.decay_factor}.")
     for name in ("train_subset", "test_subset"):
-        value = getattr(config, name)
+        value = settings[name]
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (omit it for the "
                              f"whole split), got {value}.")
-    unknown = [m for m, _ in config.seeds_per_method if m not in METHOD_NAMES]
-    if unknown or any(n < 1 for _, n in config.seeds_per_method):
-        raise UsageError(f"seeds_per_method {config.seeds_per_method} must name methods of "
+    unknown = [m for m, _ in config.run.seeds_per_method if m not in METHOD_NAMES]
+    if unknown or any(n < 1 for _, n in config.run.seeds_per_method):
+        raise UsageError(f"seeds_per_method {config.run.seeds_per_method} must name methods of "
                          f"{', '.join(METHOD_NAMES)} with at least 1 seed each.")
-    if config.student_shortcut is not None and not config.student.startswith("resnet"):
-        raise UsageError(f"--student-shortcut applies to ResNet students, not {config.student}.")
+    if config.run.student_shortcut is not None and not config.run.student.startswith("resnet"):
+        raise UsageError(f"--student-shortcut applies to ResNet students, not {config.run.student}.")
 
 
 def ensure_writable(path: str) -> None:
@@ -306,15 +443,15 @@ def dir_digest(path: str) -> str:
 def adopt_teacher_checkpoint(config: ExperimentConfig, args) -> ExperimentConfig:
     """With a teacher checkpoint, the teacher's architecture and dataset are the checkpoint's
     unless given on the command line (a conflict is then reported by the teacher phase)."""
-    if not config.teacher_checkpoint:
+    if not config.run.teacher_checkpoint:
         return config
-    meta = teacher_meta(config.teacher_checkpoint)
+    meta = teacher_meta(config.run.teacher_checkpoint)
     over = {}
-    if args.teacher is None:
+    if "teacher" not in args.given:
         over["teacher"] = meta["arch"]
-    if args.dataset is None and meta.get("dataset") in ("cifar10", "cifar100"):
+    if "dataset" not in args.given and meta.get("dataset") in ("cifar10", "cifar100"):
         over["dataset"] = meta["dataset"]
-    return dataclasses.replace(config, **over)
+    return configure(config, **over)
 
 
 def _hash(obj) -> str:
@@ -335,7 +472,8 @@ NOT_IN_STUDENTS_KEY = NOT_IN_ANY_KEY + (
 
 
 def _config_without(c: ExperimentConfig, excluded) -> dict:
-    return {k: v for k, v in dataclasses.asdict(c).items() if k not in excluded}
+    """The whole configuration by setting name, minus ``excluded`` (JSON types)."""
+    return json.loads(json.dumps({k: v for k, v in flat(c).items() if k not in excluded}))
 
 
 def teacher_key(c: ExperimentConfig) -> dict:
@@ -344,15 +482,15 @@ def teacher_key(c: ExperimentConfig) -> dict:
 
 def students_key(c: ExperimentConfig, teacher_summary: dict, jobs) -> dict:
     teacher = ({"checkpoint_sha256": teacher_summary["checkpoint_sha256"]}
-               if c.teacher_checkpoint else teacher_key(c))
+               if c.run.teacher_checkpoint else teacher_key(c))
     return {**_config_without(c, NOT_IN_STUDENTS_KEY), "teacher": teacher,
             "jobs": [list(j) for j in jobs]}
 
 
 def student_jobs(c: ExperimentConfig) -> list[tuple[str, int]]:
-    methods = list(dict.fromkeys(("none",) + tuple(c.methods)))  # baseline first, no repeats
-    seeds = dict(c.seeds_per_method)
-    return [(m, c.seed + s) for m in methods for s in range(seeds.get(m, c.seeds))]
+    methods = list(dict.fromkeys(("none",) + tuple(c.objective.methods)))  # baseline first, no repeats
+    seeds = dict(c.run.seeds_per_method)
+    return [(m, c.run.seed + s) for m in methods for s in range(seeds.get(m, c.run.seeds))]
 
 
 def split_passes(jobs: list, cap: int) -> list[list]:
@@ -365,13 +503,13 @@ def split_passes(jobs: list, cap: int) -> list[list]:
 def student_objective(method: str, c: ExperimentConfig):
     from kd_jax import objectives
     over = {}
-    if c.temperature is not None and method in ("kd", "dkd", "dist"):
-        over["temperature"] = c.temperature
-    if c.alpha is not None and method == "kd":
-        over["alpha"] = c.alpha
+    if c.objective.temperature is not None and method in ("kd", "dkd", "dist"):
+        over["temperature"] = c.objective.temperature
+    if c.objective.alpha is not None and method == "kd":
+        over["alpha"] = c.objective.alpha
     if method == "dkd":
         # mdistiller warms DKD up over 20 of 240 epochs; keep that share for shorter runs.
-        over["dkd_warmup_epochs"] = min(20.0, c.epochs / 12)
+        over["dkd_warmup_epochs"] = min(20.0, c.schedule.epochs / 12)
     return objectives.from_method(method, **over)
 
 
@@ -459,14 +597,14 @@ class Run:
         self.mesh = parallel.make_mesh()
         self.devices = jax.device_count()
         try:
-            parallel.check_batch_size(config.batch_size, self.mesh)
+            parallel.check_batch_size(config.data.batch_size, self.mesh)
         except ValueError as err:
             raise UsageError(str(err)) from err
         platform = jax.devices()[0].platform
-        dtype = config.dtype if config.dtype != "auto" else (
+        dtype = config.run.dtype if config.run.dtype != "auto" else (
             "float32" if platform == "cpu" else "bfloat16")
         self.dtype = jnp.dtype(dtype)
-        self.num_classes = data.num_classes(config.dataset)
+        self.num_classes = data.num_classes(config.data.dataset)
         self.workdir = args.workdir_resolved
         self.log = Logger(self.workdir, jax.process_index() == 0)
         self._data = None
@@ -479,19 +617,19 @@ class Run:
             from kd_jax import data
             c = self.c
             t0 = time.perf_counter()
-            train_x, train_y = _load_split(c.dataset, "train", self.args.data_dir)
-            test_x, test_y = _load_split(c.dataset, "test", self.args.data_dir)
-            if c.train_subset:
-                train_x, train_y = _subset(train_x, train_y, c.train_subset, self.num_classes,
+            train_x, train_y = _load_split(c.data.dataset, "train", self.args.data_dir)
+            test_x, test_y = _load_split(c.data.dataset, "test", self.args.data_dir)
+            if c.data.train_subset:
+                train_x, train_y = _subset(train_x, train_y, c.data.train_subset, self.num_classes,
                                            "--train-subset")
-            if c.test_subset:
-                test_x, test_y = _subset(test_x, test_y, c.test_subset, self.num_classes,
+            if c.data.test_subset:
+                test_x, test_y = _subset(test_x, test_y, c.data.test_subset, self.num_classes,
                                          "--test-subset")
-            if c.batch_size > len(train_x):
-                raise UsageError(f"--batch-size {c.batch_size} is larger than the "
+            if c.data.batch_size > len(train_x):
+                raise UsageError(f"--batch-size {c.data.batch_size} is larger than the "
                                  f"{len(train_x)} training images; lower it.")
             self._data = (train_x, train_y, test_x, test_y)
-            self.log.line(f"data: {c.dataset} train {len(train_x)} test {len(test_x)} "
+            self.log.line(f"data: {c.data.dataset} train {len(train_x)} test {len(test_x)} "
                           f"({time.perf_counter() - t0:.1f}s)")
         return self._data
 
@@ -505,34 +643,35 @@ class Run:
     def optimizer(self, epochs: int, steps_per_epoch: int):
         from kd_jax import train
         c = self.c
-        oc = train.OptimConfig(optimizer=c.optimizer, lr=c.lr, lr_batch_size=c.lr_batch_size,
-                               momentum=c.momentum, nesterov=c.nesterov,
-                               weight_decay=c.weight_decay, schedule=c.schedule,
-                               warmup_epochs=c.warmup_epochs)
-        kw = dict(batch_size=c.batch_size, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        # The optimiser's settings are the configuration's of the same names.
+        settings = flat(c)
+        oc = train.OptimConfig(**{f.name: settings[f.name]
+                                  for f in dataclasses.fields(train.OptimConfig)
+                                  if f.name in settings})
+        kw = dict(batch_size=c.data.batch_size, steps_per_epoch=steps_per_epoch, epochs=epochs)
         return train.make_optimizer(oc, **kw), train.make_schedule(oc, **kw)
 
     def loader(self):
         from kd_jax import data
         train_x, train_y, _, _ = self.data
-        return data.TrainLoader(train_x, train_y, batch_size=self.c.batch_size,
-                                seed=self.c.seed, mesh=self.mesh)
+        return data.TrainLoader(train_x, train_y, batch_size=self.c.data.batch_size,
+                                seed=self.c.run.seed, mesh=self.mesh)
 
     def evaluator(self, preprocess=None):
         from kd_jax import loop
         _, _, test_x, test_y = self.data
         return loop.make_evaluator(self.mesh, images=test_x, labels=test_y,
-                                   batch_size=_eval_batch(self.c.eval_batch_size, self.devices),
-                                   dataset=self.c.dataset, preprocess=preprocess)
+                                   batch_size=_eval_batch(self.c.data.eval_batch_size, self.devices),
+                                   dataset=self.c.data.dataset, preprocess=preprocess)
 
     # -- phase 1
     def teacher_phase(self) -> dict:
         """Trains the teacher (or loads it); returns its summary and sets the variables."""
         from kd_jax import checkpoint, loop, train
         c = self.c
-        if c.teacher_checkpoint:
-            return self._load_teacher(c.teacher_checkpoint)
-        tdir = os.path.join(self.workdir, f"teacher_{c.teacher}_{_hash(teacher_key(c))}")
+        if c.run.teacher_checkpoint:
+            return self._load_teacher(c.run.teacher_checkpoint)
+        tdir = os.path.join(self.workdir, f"teacher_{c.run.teacher}_{_hash(teacher_key(c))}")
         final = os.path.join(tdir, "final")
         summary = _read_json_or_none(os.path.join(tdir, "result.json"), self.log)
         if summary is not None:
@@ -544,33 +683,33 @@ class Run:
                               "recomputing it from its checkpoints")
                 shutil.rmtree(final, ignore_errors=True)
             else:
-                self.log.line(f"teacher: {c.teacher} already trained "
+                self.log.line(f"teacher: {c.run.teacher} already trained "
                               f"({summary['test_accuracy']:.4f}), reusing {final}")
                 return loaded
-        model = self.model(c.teacher)
+        model = self.model(c.run.teacher)
         loader = self.loader()
         tx, schedule = self.optimizer(c.teacher_epochs_, loader.steps_per_epoch)
-        state = train.create_train_state(model, tx, init_seed=c.seed, data_seed=c.seed)
+        state = train.create_train_state(model, tx, init_seed=c.run.seed, data_seed=c.run.seed)
         states = loop.replicate((state,), self.mesh)
         self.args.checkpoint_bytes = _tree_bytes(states)
         ckpt = checkpoint.Checkpointer(os.path.join(tdir, "checkpoints"))
         self.log.drop_after("teacher", ckpt.latest_step() or 0, os.path.basename(tdir))
         result = loop.fit(
-            states, loop.make_supervised_step(self.mesh, dataset=c.dataset), loader=loader,
-            epochs=c.teacher_epochs_, evaluate=self.evaluator(), names=[c.teacher],
-            phase="teacher", checkpointer=ckpt, lr_fn=schedule, log_every=c.log_every,
+            states, loop.make_supervised_step(self.mesh, dataset=c.data.dataset), loader=loader,
+            epochs=c.teacher_epochs_, evaluate=self.evaluator(), names=[c.run.teacher],
+            phase="teacher", checkpointer=ckpt, lr_fn=schedule, log_every=c.run.log_every,
             log_fn=self._log_fn("teacher", os.path.basename(tdir)),
             progress=not self.args.no_progress,
-            meta={"arch": c.teacher})
+            meta={"arch": c.run.teacher})
         ckpt.close()
         (state,) = result.states
         hist = result.history[0]
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        summary = {"arch": c.teacher, "test_accuracy": hist[-1]["test_accuracy"],
+        summary = {"arch": c.run.teacher, "test_accuracy": hist[-1]["test_accuracy"],
                    "best_test_accuracy": max(h["test_accuracy"] for h in hist),
                    "params": train.num_params(state.params),
                    "train_time_s": result.train_time_s, "epochs": c.teacher_epochs_,
-                   "num_classes": self.num_classes, "dataset": c.dataset,
+                   "num_classes": self.num_classes, "dataset": c.data.dataset,
                    "images_per_s": _steady_rate(hist)}
         checkpoint.save_variables(final, variables, summary)  # every process takes part
         if self.jax.process_index() == 0:
@@ -589,11 +728,11 @@ class Run:
         c = self.c
         path = teacher_dir(spec)
         meta = teacher_meta(spec)
-        if meta.get("arch") != c.teacher or meta.get("num_classes") != self.num_classes:
+        if meta.get("arch") != c.run.teacher or meta.get("num_classes") != self.num_classes:
             raise UsageError(
                 f"--teacher-checkpoint holds a {meta.get('arch')} with "
-                f"{meta.get('num_classes')} classes, but this run's teacher is {c.teacher} "
-                f"with {self.num_classes} classes ({c.dataset}); pass --teacher "
+                f"{meta.get('num_classes')} classes, but this run's teacher is {c.run.teacher} "
+                f"with {self.num_classes} classes ({c.data.dataset}); pass --teacher "
                 f"{meta.get('arch')} and the matching --dataset, or another checkpoint.")
         try:
             loaded = pretrained.load_checkpoint(path, dtype=self.dtype,
@@ -609,7 +748,7 @@ class Run:
         if summary is not None:
             return summary
         digest = dir_digest(path)
-        cache = os.path.join(self.workdir, f"teacher_eval_{_hash(dict(digest=digest, dataset=c.dataset, test_subset=c.test_subset, data_dir=os.path.abspath(self.args.data_dir) if self.args.data_dir else None))}.json")
+        cache = os.path.join(self.workdir, f"teacher_eval_{_hash(dict(digest=digest, dataset=c.data.dataset, test_subset=c.data.test_subset, data_dir=os.path.abspath(self.args.data_dir) if self.args.data_dir else None))}.json")
         if os.path.exists(cache):
             measured = _read_json(cache)
         else:
@@ -629,7 +768,7 @@ class Run:
                    "source": spec, "checkpoint_sha256": digest,
                    "published_accuracy": meta.get("published_accuracy"),
                    "origin": (meta.get("source") or {}).get("origin"),
-                   "normalization": (meta.get("normalization") or {}).get("name", c.dataset)}
+                   "normalization": (meta.get("normalization") or {}).get("name", c.data.dataset)}
         published = summary["published_accuracy"]
         self.log.line(f"teacher: {meta['arch']} from {spec}: test accuracy "
                       f"{100 * measured['test_accuracy']:.2f}% measured here"
@@ -642,11 +781,11 @@ class Run:
         c = self.c
         jobs = student_jobs(c)
         results = []
-        passes = split_passes(jobs, c.max_parallel_students)
+        passes = split_passes(jobs, c.run.max_parallel_students)
         for i, group in enumerate(passes):
             key = students_key(c, teacher_summary, group)
             names = [f"{m}/seed{s}" for m, s in group]
-            pdir = os.path.join(self.workdir, f"students_{c.student}_{_hash(key)}")
+            pdir = os.path.join(self.workdir, f"students_{c.run.student}_{_hash(key)}")
             done = os.path.join(pdir, "result.json")
             stored = _read_json_or_none(done, self.log)
             if stored is not None:
@@ -655,37 +794,37 @@ class Run:
                 results += stored
                 continue
             phase = f"students{i + 1}"
-            self.log.line(f"students pass {i + 1}/{len(passes)}: {len(group)} x {c.student} "
-                          f"({', '.join(names)}) from {c.teacher}")
+            self.log.line(f"students pass {i + 1}/{len(passes)}: {len(group)} x {c.run.student} "
+                          f"({', '.join(names)}) from {c.run.teacher}")
             loader = self.loader()
-            tx, schedule = self.optimizer(c.epochs, loader.steps_per_epoch)
+            tx, schedule = self.optimizer(c.schedule.epochs, loader.steps_per_epoch)
             objs = [student_objective(m, c) for m, _ in group]
             teacher = self.teacher_model
             states = []
             for (method, seed), obj in zip(group, objs):
                 model = objectives.prepare_student(
-                    self.model(c.student, shortcut=c.student_shortcut), obj, teacher)
+                    self.model(c.run.student, shortcut=c.run.student_shortcut), obj, teacher)
                 states.append(train.create_train_state(model, tx, init_seed=seed,
-                                                       data_seed=c.seed))
+                                                       data_seed=c.run.seed))
             states = loop.replicate(tuple(states), self.mesh)
             if any(o.needs_teacher for o in objs):
                 # The frozen teacher runs with its BatchNorm folded into its convolutions.
                 step = loop.make_distill_step(self.mesh, objectives=objs,
                                               teacher_apply=models.folded_apply(teacher),
-                                              dataset=c.dataset,
+                                              dataset=c.data.dataset,
                                               steps_per_epoch=loader.steps_per_epoch,
                                               teacher_preprocess=self.teacher_preprocess)
                 tvars = self.teacher_variables
                 step_fn = lambda s, b: step(s, tvars, b)  # noqa: E731
             else:
-                step_fn = loop.make_supervised_step(self.mesh, dataset=c.dataset)
+                step_fn = loop.make_supervised_step(self.mesh, dataset=c.data.dataset)
             self.args.checkpoint_bytes = _tree_bytes(states)
             ckpt = checkpoint.Checkpointer(os.path.join(pdir, "checkpoints"))
             run_id = os.path.basename(pdir)
             self.log.drop_after(phase, ckpt.latest_step() or 0, run_id)
-            result = loop.fit(states, step_fn, loader=loader, epochs=c.epochs,
+            result = loop.fit(states, step_fn, loader=loader, epochs=c.schedule.epochs,
                               evaluate=self.evaluator(), names=names, phase=phase,
-                              checkpointer=ckpt, lr_fn=schedule, log_every=c.log_every,
+                              checkpointer=ckpt, lr_fn=schedule, log_every=c.run.log_every,
                               log_fn=self._log_fn(phase, run_id),
                               progress=not self.args.no_progress,
                               meta={"jobs": group})
@@ -693,7 +832,7 @@ class Run:
             group_results = []
             for (method, seed), state, hist in zip(group, result.states, result.history):
                 group_results.append({
-                    "arch": c.student, "method": method, "seed": seed,
+                    "arch": c.run.student, "method": method, "seed": seed,
                     "test_accuracy": hist[-1]["test_accuracy"],
                     "best_test_accuracy": max(h["test_accuracy"] for h in hist),
                     "params": train.num_params(state.params.get("backbone", state.params)
@@ -774,7 +913,7 @@ def _steady_rate(hist):
 
 def summarise(config: ExperimentConfig, teacher: dict, students: list[dict]) -> dict:
     return {
-        "dataset": config.dataset,
+        "dataset": config.data.dataset,
         "teacher": {k: teacher.get(k) for k in ("arch", "test_accuracy", "params",
                                                 "train_time_s")}
         | {k: teacher[k] for k in ("shortcut", "source", "origin", "published_accuracy",
@@ -785,6 +924,9 @@ def summarise(config: ExperimentConfig, teacher: dict, students: list[dict]) -> 
                                                             s.get("students_in_pass", 1)}
                      for s in students],
         "config": dataclasses.asdict(config),
+        # Each method's objective with the values in effect (presets and overrides resolved).
+        "objectives": {m: dataclasses.asdict(student_objective(m, config))
+                       for m in dict.fromkeys(m for m, _ in student_jobs(config))},
     }
 
 
@@ -855,7 +997,7 @@ def all_done(config, args) -> dict | None:
     if stored.get("config") != json.loads(json.dumps(dataclasses.asdict(config))):
         return None
     digest = stored.get("teacher", {}).get("checkpoint_sha256")
-    if config.teacher_checkpoint and digest != dir_digest(teacher_dir(config.teacher_checkpoint)):
+    if config.run.teacher_checkpoint and digest != dir_digest(teacher_dir(config.run.teacher_checkpoint)):
         return None  # the checkpoint at that path changed: the stored students are stale
     return stored
 
@@ -924,7 +1066,7 @@ def acquire_workdir_lock(workdir: str):
 def _main(config: ExperimentConfig, args) -> int:
     config = adopt_teacher_checkpoint(config, args)
     args.workdir_resolved = args.workdir or os.path.join(
-        "runs", f"{config.dataset}_{config.teacher}_{config.student}")
+        "runs", f"{config.data.dataset}_{config.run.teacher}_{config.run.student}")
     validate(config, args)
     stored = all_done(config, args)
     if stored is not None:
@@ -940,28 +1082,31 @@ def _main(config: ExperimentConfig, args) -> int:
         raise UsageError(f"multi-host start-up failed: {err}") from err
     import jax
     lock = acquire_workdir_lock(args.workdir_resolved) if jax.process_index() == 0 else None
+    if lock is not None:  # what this invocation runs; --config config.json reruns it
+        _write_json(os.path.join(args.workdir_resolved, "config.json"),
+                    dataclasses.asdict(config))
     run = Run(config, args)
     jobs = student_jobs(config)
-    run.log.line(f"kd_jax: {config.dataset} {config.teacher} -> {config.student} on "
+    run.log.line(f"kd_jax: {config.data.dataset} {config.run.teacher} -> {config.run.student} on "
                  f"{run.devices} {run.jax.devices()[0].platform} device(s), "
                  f"{run.dtype.name}; workdir {args.workdir_resolved}")
-    teacher_plan = (f"load {config.teacher_checkpoint}" if config.teacher_checkpoint else
-                    f"train {config.teacher} for {config.teacher_epochs_} epochs")
-    run.log.line(f"plan: teacher: {teacher_plan}; students: {len(jobs)} x {config.student} "
-                 f"({', '.join(f'{m}/seed{s}' for m, s in jobs)}) for {config.epochs} epochs "
-                 f"in {len(split_passes(jobs, config.max_parallel_students))} pass(es)")
+    teacher_plan = (f"load {config.run.teacher_checkpoint}" if config.run.teacher_checkpoint else
+                    f"train {config.run.teacher} for {config.teacher_epochs_} epochs")
+    run.log.line(f"plan: teacher: {teacher_plan}; students: {len(jobs)} x {config.run.student} "
+                 f"({', '.join(f'{m}/seed{s}' for m, s in jobs)}) for {config.schedule.epochs} epochs "
+                 f"in {len(split_passes(jobs, config.run.max_parallel_students))} pass(es)")
     teacher = run.teacher_phase()
     students = run.student_phase(teacher)
     results = summarise(config, teacher, students)
-    results["teacher_checkpoint"] = config.teacher_checkpoint
+    results["teacher_checkpoint"] = config.run.teacher_checkpoint
     results["devices"] = f"{run.devices} x {run.jax.devices()[0].device_kind}"
     if run.jax.process_index() == 0:
         wd = args.workdir_resolved
         table = results_table(results)
         teacher_hist = None
-        hist_path = os.path.join(wd, f"teacher_{config.teacher}_{_hash(teacher_key(config))}",
+        hist_path = os.path.join(wd, f"teacher_{config.run.teacher}_{_hash(teacher_key(config))}",
                                  "history.json")
-        if not config.teacher_checkpoint:
+        if not config.run.teacher_checkpoint:
             teacher_hist = _read_json_or_none(hist_path)
         plot_curves(os.path.join(wd, "curves.png"), teacher_hist, students)
         with open(os.path.join(wd, "results.md"), "w") as f:

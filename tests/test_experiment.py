@@ -61,7 +61,13 @@ def test_results_json_schema(smoke_run):
     assert results["dataset"] == "cifar10"
     assert set(results["teacher"]) >= {"arch", "test_accuracy", "params", "train_time_s"}
     assert results["teacher"]["arch"] == "resnet14"
-    assert results["config"]["teacher"] == "resnet14" and results["config"]["epochs"] == 2
+    assert results["config"]["run"]["teacher"] == "resnet14"
+    assert results["config"]["schedule"]["epochs"] == 2
+    # The effective objective of every method, not null placeholders.
+    assert results["objectives"]["kd"]["temperature"] == 4.0
+    assert results["objectives"]["kd"]["alpha"] == 0.9
+    # config.json is the configuration as run; --config reruns it.
+    assert json.loads((workdir / "config.json").read_text()) == results["config"]
     students = results["students"]
     assert {s["method"] for s in students} == {"none", "kd"}
     for s in students:
@@ -139,7 +145,7 @@ def test_shipped_teacher_runs_with_no_teacher_phase(fake_cifar, tmp_path):
     t = results["teacher"]
     assert t["arch"] == "resnet20" and t["source"] == "pretrained:cifar10/resnet20"
     assert t["published_accuracy"] == 0.9173 and t["normalization"] == "imagenet"
-    assert results["config"]["teacher_checkpoint"] == "pretrained:cifar10/resnet20"
+    assert results["config"]["run"]["teacher_checkpoint"] == "pretrained:cifar10/resnet20"
     table = (workdir / "results.md").read_text()
     assert "`pretrained:cifar10/resnet20` (published 91.73%)" in table
 
@@ -216,6 +222,43 @@ def test_batch_not_divisible_by_devices():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "batch size 30 is not divisible by the 4 devices" in proc.stderr
+
+
+def test_config_file_and_flags(tmp_path):
+    """One configuration object: --config (json nested or flat, or .py) under flags."""
+    (tmp_path / "c.json").write_text(json.dumps({"run": {"student": "resnet14"},
+                                                 "lr": 0.2, "methods": ["kd", "dkd"]}))
+    config, _ = cifar_kd.parse_args(["--preset", "smoke", "--config", str(tmp_path / "c.json"),
+                                     "--lr", "0.3"])
+    assert config.run.student == "resnet14" and config.objective.methods == ("kd", "dkd")
+    assert config.optim.lr == 0.3  # the flag wins over the file
+    assert config.run.teacher == "resnet14" and config.data.batch_size == 48  # the preset
+    (tmp_path / "c.py").write_text("config = configure(PRESETS['smoke'], seeds=3)\n")
+    config, _ = cifar_kd.parse_args(["--config", str(tmp_path / "c.py")])
+    assert config == cifar_kd.configure(cifar_kd.PRESETS["smoke"], seeds=3)
+    # A config.json written by a run reproduces the configuration exactly.
+    (tmp_path / "full.json").write_text(json.dumps(
+        __import__("dataclasses").asdict(cifar_kd.PRESETS["cifar100-cpu"])))
+    config, _ = cifar_kd.parse_args(["--config", str(tmp_path / "full.json")])
+    assert config == cifar_kd.PRESETS["cifar100-cpu"]
+
+
+def test_every_setting_is_a_flag_and_in_the_run_key():
+    """Flags derive from the configuration; the run directories hash all of it except an
+    explicit list, so a new setting changes the keys unless someone says it cannot."""
+    help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+    for name in cifar_kd.LEAVES:
+        assert cifar_kd._flag(name) in help_text, name
+    base = cifar_kd.PRESETS["smoke"]
+    summary = {"checkpoint_sha256": "x"}
+    for name, value in [("momentum", 0.8), ("nesterov", True), ("decay_factor", 0.5),
+                        ("student_shortcut", "B"), ("dtype", "bfloat16")]:
+        changed = cifar_kd.configure(base, **{name: value})
+        assert cifar_kd.students_key(changed, summary, [("kd", 0)]) != \
+            cifar_kd.students_key(base, summary, [("kd", 0)]), name
+    assert cifar_kd.students_key(cifar_kd.configure(base, log_every=1), summary, [("kd", 0)]) \
+        == cifar_kd.students_key(base, summary, [("kd", 0)])
 
 
 def test_help_lists_every_option_with_its_default():
