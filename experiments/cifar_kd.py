@@ -513,18 +513,64 @@ def student_objective(method: str, c: ExperimentConfig):
     return objectives.from_method(method, **over)
 
 
+class TensorBoard:
+    """Scalar event files of every logged metric, one run directory per phase, configuration
+    and student: ``<workdir>/tensorboard/<phase>_<run>/<student>``, so that
+    ``tensorboard --logdir runs/`` shows the curves. Needs the ``[tensorboard]`` extra
+    (tensorboardX); metrics.jsonl stays the source of truth."""
+
+    STEP_KEYS = ("loss", "accuracy", "lr", "images_per_s")
+    EPOCH_KEYS = ("train_loss", "train_accuracy", "test_accuracy", "test_loss", "epoch_time_s")
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+        self._writer_class = SummaryWriter
+        self.root = os.path.join(workdir, "tensorboard")
+        self.writers: dict[tuple, Any] = {}
+
+    def add(self, record: dict) -> None:
+        key = (record.get("phase"), record.get("run"), record.get("student"))
+        if key not in self.writers:
+            path = os.path.join(self.root, f"{key[0]}_{key[1]}", str(key[2]).replace("/", "_"))
+            self.writers[key] = self._writer_class(logdir=path)
+        writer = self.writers[key]
+        kind = record.get("kind", "step")
+        for name in self.STEP_KEYS if kind == "step" else self.EPOCH_KEYS:
+            if isinstance(record.get(name), (int, float)):
+                writer.add_scalar(f"{kind}/{name}", record[name], global_step=record["step"])
+        if kind == "epoch":
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
 class Logger:
-    """metrics.jsonl and log.txt, written by process 0 only."""
+    """metrics.jsonl, log.txt and (with tensorboardX installed) TensorBoard event files,
+    written by process 0 only."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.log_path = os.path.join(workdir, "log.txt")
+        self.tensorboard = None
+        if enabled:
+            try:
+                self.tensorboard = TensorBoard(workdir)
+            except ImportError:
+                pass  # the [tensorboard] extra is optional
 
     def metrics(self, record: dict) -> None:
         if self.enabled:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.add(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -698,7 +744,8 @@ class Run:
             states, loop.make_supervised_step(self.mesh, dataset=c.data.dataset), loader=loader,
             epochs=c.teacher_epochs_, evaluate=self.evaluator(), names=[c.run.teacher],
             phase="teacher", checkpointer=ckpt, lr_fn=schedule, log_every=c.run.log_every,
-            log_fn=self._log_fn("teacher", os.path.basename(tdir)),
+            log_fn=self._log_fn("teacher", os.path.basename(tdir), c.run.teacher,
+                                c.teacher_epochs_ * loader.steps_per_epoch),
             progress=not self.args.no_progress,
             meta={"arch": c.run.teacher})
         ckpt.close()
@@ -825,7 +872,9 @@ class Run:
             result = loop.fit(states, step_fn, loader=loader, epochs=c.schedule.epochs,
                               evaluate=self.evaluator(), names=names, phase=phase,
                               checkpointer=ckpt, lr_fn=schedule, log_every=c.run.log_every,
-                              log_fn=self._log_fn(phase, run_id),
+                              log_fn=self._log_fn(phase, run_id, names[0],
+                                                  c.schedule.epochs * loader.steps_per_epoch,
+                                                  passes_left=len(passes) - i - 1),
                               progress=not self.args.no_progress,
                               meta={"jobs": group})
             ckpt.close()
@@ -846,10 +895,27 @@ class Run:
             results += group_results
         return results
 
-    def _log_fn(self, phase, run_id):
+    def _log_fn(self, phase, run_id, first_name, total_steps, passes_left=0):
+        """Logs each record; after the first timed interval (the one before includes the
+        compilation), prints an estimate of the phase's and the run's remaining time."""
+        seen = {"intervals": 0}
+        batch_size = self.c.data.batch_size
+
         def log(record):
             # run_id (the phase's directory) tells records of different configurations apart.
             self.log.metrics({**record, "run": run_id})
+            if (record.get("kind") == "step" and seen["intervals"] >= 0
+                    and record["student"] == first_name):
+                seen["intervals"] += 1
+                if seen["intervals"] == 2:  # the first interval includes compilation
+                    seen["intervals"] = -1
+                    left = (total_steps - record["step"]) * batch_size / record["images_per_s"]
+                    whole = left + passes_left * total_steps * batch_size / record["images_per_s"]
+                    self.log.line(
+                        f"time estimate: {phase} about {_duration(left)} more at "
+                        f"{record['images_per_s']:.0f} img/s"
+                        + (f"; the whole run about {_duration(whole)} more"
+                           if passes_left else ""))
             if "test_accuracy" in record:
                 self.log.line(
                     f"[{phase} {record['student']}] epoch {record['epoch']} "
@@ -885,6 +951,10 @@ def _subset(x, y, n, num_classes, flag):
         return data.balanced_subset(x, y, per_class)
     except ValueError as err:
         raise UsageError(f"{flag} {n}: {err}") from err
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _squash(err: BaseException, limit: int) -> str:
@@ -1114,6 +1184,7 @@ def _main(config: ExperimentConfig, args) -> int:
         _write_json(os.path.join(wd, "results.json"), results)
         print("\n" + table)
         print(f"Outputs: {wd}/results.json, results.md, metrics.jsonl, curves.png")
+    run.log.close()
     if lock is not None:
         lock.close()
     return 0

@@ -195,8 +195,10 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                          "step": step, "loss": float(losses[:, i].mean()),
                          "accuracy": float(accs[:, i].mean()), "lr": lr,
                          "images_per_s": rate})
-                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} loss {losses.mean():.3f} "
-                                    f"acc {accs.mean():.3f} {rate:.0f} img/s")
+                # Each student's own loss: their objectives differ, a mean would mix them.
+                per_student = " ".join(f"{n} {v:.3f}" for n, v in zip(names, losses.mean(0)))
+                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} {rate:.0f} img/s loss "
+                                    f"{per_student}")
             epoch_time = time.perf_counter() - t_epoch
             train_time += epoch_time
             results = evaluate(states)

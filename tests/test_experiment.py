@@ -93,6 +93,23 @@ def test_metrics_jsonl_has_steps_and_epochs_of_every_phase(smoke_run):
     assert steps and all(r["lr"] > 0 for r in steps)
 
 
+def test_time_estimate_after_the_first_timed_steps(smoke_run):
+    workdir, _ = smoke_run
+    log = (workdir / "log.txt").read_text()
+    assert log.index("plan: teacher: train resnet14 for 3 epochs; students: 2 x resnet8") \
+        < log.index("time estimate: teacher about")
+    assert "time estimate: students1 about" in log
+
+
+def test_tensorboard_event_files_per_phase_and_student(smoke_run):
+    pytest.importorskip("tensorboardX")
+    workdir, _ = smoke_run
+    runs = {p.parent.parent.name.split("_")[0] + "/" + p.parent.name
+            for p in (workdir / "tensorboard").glob("*/*/events.out.tfevents.*")
+            if p.stat().st_size > 0}
+    assert runs == {"teacher/resnet14", "students1/none_seed0", "students1/kd_seed0"}
+
+
 def test_rerunning_a_finished_run_prints_the_table_at_once(smoke_run, capsys):
     workdir, argv = smoke_run
     before = (workdir / "metrics.jsonl").read_text()
