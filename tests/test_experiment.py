@@ -301,3 +301,15 @@ def test_smoke_preset_on_real_cifar10(tmp_path):
     # 1,000 real images, 3 epochs: the teacher is far better than chance (10%).
     assert results["teacher"]["test_accuracy"] > 0.15
     assert "| kd | resnet8 |" in proc.stdout
+
+
+def test_protocol_report_reads_a_finished_run(smoke_run):
+    workdir, _ = smoke_run
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "protocol_report.py"),
+                           str(workdir)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    kd = [s for s in results["students"] if s["method"] == "kd"][0]
+    assert f"| kd | 0 | {100 * kd['test_accuracy']:.2f} |" in proc.stdout
+    assert "kd beats the baseline of the same seed on" in proc.stdout
+    assert "Training time per epoch of the pass" in proc.stdout
