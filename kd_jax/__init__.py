@@ -15,29 +15,45 @@ and checkpoint stand alone):
 - :mod:`kd_jax.loop` — the epoch loop with logging, checkpoints and exact resume.
 - :mod:`kd_jax.parallel` — the ``("data",)`` mesh, shardings, multi-host start-up.
 - :mod:`kd_jax.checkpoint` — Orbax checkpoints.
+
+Submodules and the names below are imported on first use (PEP 562), so ``import
+kd_jax.losses`` costs only JAX, not TFDS, Orbax or Flax.
 """
 
-from kd_jax import checkpoint, data, losses, loop, models, objectives, parallel, train
-from kd_jax.losses import (
-    attention_transfer_loss,
-    distillation_loss,
-    dist_loss,
-    dkd_loss,
-    hint_loss,
-    lskd_loss,
-    nst_loss,
-    pkt_loss,
-    rkd_loss,
-    similarity_preserving_loss,
-    soft_target_cross_entropy,
-    soft_target_kl,
-    tempered_log_softmax,
-    tempered_softmax,
-)
-from kd_jax.objectives import METHODS, Objective
-from kd_jax.train import OptimConfig, TrainState, distill_step, eval_step, train_step
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_SUBMODULES = frozenset(
+    ["checkpoint", "data", "losses", "loop", "models", "objectives", "parallel", "train"]
+)
+# Re-exported name -> the submodule that defines it.
+_EXPORTS = {
+    **{name: "losses" for name in [
+        "attention_transfer_loss",
+        "distillation_loss",
+        "dist_loss",
+        "dkd_loss",
+        "hint_loss",
+        "lskd_loss",
+        "nst_loss",
+        "pkt_loss",
+        "rkd_loss",
+        "similarity_preserving_loss",
+        "soft_target_cross_entropy",
+        "soft_target_kl",
+        "tempered_log_softmax",
+        "tempered_softmax",
+    ]},
+    "METHODS": "objectives",
+    "Objective": "objectives",
+    "OptimConfig": "train",
+    "TrainState": "train",
+    "distill_step": "train",
+    "eval_step": "train",
+    "train_step": "train",
+}
 
 __all__ = [
     "METHODS",
@@ -70,3 +86,39 @@ __all__ = [
     "train",
     "train_step",
 ]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # Later lookups skip this function.
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # Eager imports for type checkers and IDEs only.
+    from kd_jax import checkpoint, data, loop, losses, models, objectives, parallel, train
+    from kd_jax.losses import (
+        attention_transfer_loss,
+        dist_loss,
+        distillation_loss,
+        dkd_loss,
+        hint_loss,
+        lskd_loss,
+        nst_loss,
+        pkt_loss,
+        rkd_loss,
+        similarity_preserving_loss,
+        soft_target_cross_entropy,
+        soft_target_kl,
+        tempered_log_softmax,
+        tempered_softmax,
+    )
+    from kd_jax.objectives import METHODS, Objective
+    from kd_jax.train import OptimConfig, TrainState, distill_step, eval_step, train_step
