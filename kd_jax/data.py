@@ -2,8 +2,8 @@
 
 Reading goes through TFDS's random-access ``array_record`` data source and PIL, so a
 prepared TFDS directory is enough: TensorFlow is needed only to prepare the data once.
-Decoded splits are cached as ``.npy`` files with a JSON header (fingerprint, shapes,
-dtypes, CRC-32) that is verified on every load.
+Decoded splits are cached in the user's cache directory (``~/.cache/kd_jax``) as ``.npy``
+files with a JSON header (fingerprint, shapes, dtypes, CRC-32) that is verified on every load.
 
 Batches are dicts of global ``jax.Array``s split over the ``"data"`` mesh axis. The order
 of a training epoch is ``epoch_permutation(seed, epoch, N)``, so batch ``b`` of epoch ``e``
@@ -21,7 +21,7 @@ import logging
 import os
 import queue
 import re
-import stat
+import shlex
 import threading
 import types
 import uuid
@@ -109,6 +109,7 @@ def load_arrays(
     *,
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    per_class: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loads a split as NumPy arrays: images ``uint8[N, 32, 32, 3]`` and labels ``int32[N]``.
 
@@ -117,18 +118,28 @@ def load_arrays(
       split: any TFDS split string, e.g. ``"train"``, ``"test"``, ``"train[:10%]"``.
       data_dir: TFDS data dir; default TFDS's own (``$TFDS_DATA_DIR``, else
         ``~/tensorflow_datasets``). Data missing there is downloaded and prepared by TFDS.
-      cache_dir: where decoded arrays are cached, keyed by dataset, version and split;
-        default ``kd_jax_cache/`` inside the dataset's TFDS directory when its permission
-        bits allow writing, else ``$XDG_CACHE_HOME/kd_jax/<dataset>-<version>-<data dir
-        hash>/`` (``~/.cache/...``). A cache failing its fingerprint, shape, dtype or
-        CRC-32 check is rebuilt.
+      cache_dir: where decoded arrays are cached, keyed by dataset, version, split and
+        ``per_class``; default ``$XDG_CACHE_HOME/kd_jax/<dataset>-<version>-<data dir
+        hash>/`` (``~/.cache/kd_jax/...``), never the TFDS data dir, which may be shared or
+        read-only. A cache failing its fingerprint, shape, dtype or CRC-32 check is rebuilt.
+      per_class: keep only the first ``per_class`` examples of every class, in dataset
+        order: the same arrays as ``balanced_subset(*load_arrays(dataset, split),
+        per_class)``, but only those images are decoded, and reading stops once every class
+        has them (a 1,000-image CIFAR-10 subset reads about 1,000 examples, not 50,000).
 
     Raises:
       DataNotFoundError: the data is not prepared and TFDS could not prepare it.
+      ValueError: ``per_class`` is not a positive integer, or a class of the split has fewer
+        than ``per_class`` examples.
     """
     import tensorflow_datasets as tfds  # Deferred: importing TFDS takes about a second.
 
     spec = _spec(dataset)
+    if per_class is not None and (
+        not isinstance(per_class, (int, np.integer)) or isinstance(per_class, bool)
+        or per_class <= 0
+    ):
+        raise ValueError(f"per_class must be a positive integer or None, got {per_class!r}")
     builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         _prepare(builder, dataset)
@@ -140,8 +151,9 @@ def load_arrays(
         raise DataNotFoundError(
             f"{dataset} {builder.info.version} in {builder.data_dir} is not stored as "
             f"array_record, which kd_jax reads without TensorFlow. Fix: prepare it into "
-            f"another data dir with {_prepare_command(dataset, '/path/to/tfds')} and pass "
-            "that dir as --data-dir / data_dir= / TFDS_DATA_DIR."
+            f"another data dir with {_prepare_command(dataset, '/path/to/tfds')}"
+            f"{_where_to_install()} and pass that dir as --data-dir / data_dir= / "
+            "TFDS_DATA_DIR."
         ) from err
     fingerprint = {
         "kd_jax_cache": _CACHE_FORMAT,
@@ -150,23 +162,47 @@ def load_arrays(
         "split": split,
         "num_examples": len(source),
     }
-    paths = _cache_paths(builder, dataset, split, cache_dir)
+    if per_class is not None:
+        fingerprint["per_class"] = int(per_class)
+    paths = _cache_paths(builder, dataset, split, cache_dir, per_class)
     if paths is not None:
         cached = _read_cache(paths, fingerprint)
         if cached is not None:
             return cached
-    images, labels = _decode(source, spec.label_key)
+    if per_class is None:
+        images, labels = _decode(source, spec.label_key)
+    else:
+        images, labels = _decode_per_class(source, spec, int(per_class))
     if paths is not None:
         _write_cache(paths, images, labels, fingerprint)
     return images, labels
 
 
+def _checkout_dir() -> Path | None:
+    """The kd_jax source checkout this module runs from (an editable install), or None."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
 def _prepare_command(dataset: str, data_dir: str) -> str:
+    """Shell commands that install the ``[prepare]`` extra and prepare ``dataset``."""
+    if "://" not in data_dir:
+        data_dir = os.path.abspath(data_dir)  # The command may change directory first.
+    checkout = _checkout_dir()
+    install = 'pip install -e ".[prepare]"'
+    if checkout is not None:
+        install = f"cd {shlex.quote(str(checkout))} && {install}"
     return (
-        'pip install "kd_jax[prepare]" && python -c "import tensorflow_datasets as tfds; '
+        f'{install} && python -c "import tensorflow_datasets as tfds; '
         f"tfds.builder('{dataset}', data_dir='{data_dir}')"
         ".download_and_prepare(file_format='array_record')\""
     )
+
+
+def _where_to_install() -> str:
+    if _checkout_dir() is not None:
+        return ""
+    return " (run the pip command in a kd_jax source checkout, where pyproject.toml is)"
 
 
 def _prepare(builder, dataset: str) -> None:
@@ -181,7 +217,8 @@ def _prepare(builder, dataset: str) -> None:
         raise DataNotFoundError(
             f"{dataset} {builder.info.version} is not prepared in the TFDS data dir {root} "
             f"(looked for {builder.data_dir}), and preparing it there failed: {reason}.\n"
-            f"Fix: with network access, run\n  {_prepare_command(dataset, root)}\n"
+            f"Fix: with network access, run{_where_to_install()}\n"
+            f"  {_prepare_command(dataset, root)}\n"
             "or point kd_jax at a prepared TFDS data dir (e.g. one copied from a machine "
             "where that ran) with --data-dir / data_dir= / TFDS_DATA_DIR."
         ) from err
@@ -200,6 +237,37 @@ def _decode(source, label_key: str) -> tuple[np.ndarray, np.ndarray]:
             images[i] = _decode_image(example["image"], i)
             labels[i] = example[label_key]
     return images, labels
+
+
+def _decode_per_class(source, spec: DatasetSpec, per_class: int):
+    """``balanced_subset`` of the whole source, decoding only the images it keeps.
+
+    Reads in dataset order and stops once every class has ``per_class`` examples; each read
+    asks for as many examples as are still missing, which is the fewest that could finish.
+    """
+    n = len(source)
+    counts = np.zeros(spec.num_classes, np.int64)
+    labels_read = np.empty((n,), np.int32)
+    kept: dict[int, np.ndarray] = {}
+    end = 0
+    while end < n and (counts < per_class).any():
+        missing = int(np.maximum(per_class - counts, 0).sum())
+        keys = list(range(end, min(end + min(missing, _DECODE_CHUNK), n)))
+        for i, example in zip(keys, source.__getitems__(keys)):
+            label = int(example[spec.label_key])
+            labels_read[i] = label
+            if 0 <= label < spec.num_classes and counts[label] < per_class:
+                counts[label] += 1
+                kept[i] = _decode_image(example["image"], i)
+        end = keys[-1] + 1
+    if (counts >= per_class).all():
+        keep = np.array(sorted(kept), np.int64)
+    else:  # Read to the end and some class ran short: balanced_subset's own rule and error.
+        keep, _ = balanced_subset(np.arange(n), labels_read, per_class)
+    images = np.empty((len(keep), *IMAGE_SHAPE), np.uint8)
+    for row, i in enumerate(keep):
+        images[row] = kept[int(i)]
+    return images, labels_read[keep]
 
 
 def _decode_image(value, index: int) -> np.ndarray:
@@ -223,17 +291,13 @@ class _CachePaths:
     labels: Path
 
 
-def _cache_paths(builder, dataset: str, split: str, cache_dir) -> _CachePaths | None:
+def _cache_paths(builder, dataset: str, split: str, cache_dir,
+                 per_class: int | None = None) -> _CachePaths | None:
     version = str(builder.info.version)
     directory = Path(cache_dir) if cache_dir is not None else None
     if directory is None:
-        tfds_dir = str(builder.data_dir)
-        if "://" not in tfds_dir and _mode_allows_write(Path(tfds_dir)):
-            candidate = Path(tfds_dir) / "kd_jax_cache"
-            if _writable_dir(candidate):
-                directory = candidate
-    if directory is None:
-        # One subdirectory per TFDS data dir: two data dirs may hold different copies.
+        # The user's cache, never the TFDS dir (shared or read-only); one subdirectory per
+        # TFDS data dir, since two data dirs may hold different copies.
         root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         where = hashlib.blake2b(str(builder.data_dir).encode(), digest_size=6).hexdigest()
         directory = Path(root) / "kd_jax" / f"{dataset}-{version}-{where}"
@@ -244,31 +308,11 @@ def _cache_paths(builder, dataset: str, split: str, cache_dir) -> _CachePaths | 
     # The readable part of the name can collide ("train[:10]" vs "train[10:]"); the hash cannot.
     safe = re.sub(r"[^A-Za-z0-9.-]+", "_", split).strip("_")
     tag = hashlib.blake2b(split.encode(), digest_size=4).hexdigest()
-    stem = directory / f"{dataset}-{version}-{safe}-{tag}"
+    subset = "" if per_class is None else f"-per_class{int(per_class)}"
+    stem = directory / f"{dataset}-{version}-{safe}-{tag}{subset}"
     return _CachePaths(
         Path(f"{stem}.json"), Path(f"{stem}.images.npy"), Path(f"{stem}.labels.npy")
     )
-
-
-def _mode_allows_write(path: Path) -> bool:
-    """Whether ``path``'s permission bits grant us write access.
-
-    Unlike ``os.access``, this also holds for root, who may write anywhere: a TFDS directory
-    made read-only on purpose is left alone.
-    """
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    if not hasattr(os, "getuid"):  # Windows: no POSIX owner bits.
-        return os.access(path, os.W_OK)
-    if st.st_uid == os.getuid():
-        bit = stat.S_IWUSR
-    elif st.st_gid in {os.getgid(), *os.getgroups()}:
-        bit = stat.S_IWGRP
-    else:
-        bit = stat.S_IWOTH
-    return bool(st.st_mode & bit) and os.access(path, os.W_OK | os.X_OK)
 
 
 def _writable_dir(path: Path) -> bool:
@@ -291,7 +335,9 @@ def _read_cache(paths: _CachePaths, fingerprint: dict) -> tuple[np.ndarray, np.n
         header = json.loads(paths.header.read_text())
         if header.get("fingerprint") != fingerprint:
             raise ValueError(f"fingerprint {header.get('fingerprint')} != {fingerprint}")
-        n = fingerprint["num_examples"]
+        # A subset's size follows from its labels; a whole split has num_examples rows.
+        n = header["labels"]["shape"][0] if "per_class" in fingerprint else (
+            fingerprint["num_examples"])
         arrays = []
         for name, path, shape, dtype in [
             ("images", paths.images, [n, *IMAGE_SHAPE], "uint8"),

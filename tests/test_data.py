@@ -1,4 +1,4 @@
-"""Tests for kd_jax/data.py and kd_jax/parallel.py (one CPU device; one 4-device subprocess)."""
+"""Tests for kd_jax/data.py (one CPU device; one 4-device subprocess)."""
 
 import json
 import os
@@ -68,6 +68,59 @@ def test_load_arrays_split_string_and_cache_keys(fake_tfds, tmp_path):
     np.testing.assert_array_equal(lead[1], quarter[1])
     np.testing.assert_array_equal(tail[0], _expected("cifar10", "train", range(45, 60))[0])
     assert len(list(tmp_path.glob("*.json"))) == 3  # one cache entry per split string
+
+
+def test_default_cache_is_the_users_cache_not_the_tfds_dir(fake_tfds, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    tfds_dir = tmp_path / "tfds"
+    tfds_dir.mkdir()  # writable, yet left alone: it may be shared
+    first = data.load_arrays("cifar10", "test", data_dir=tfds_dir)
+    assert list(tfds_dir.rglob("*")) == []
+    (entry,) = (tmp_path / "xdg" / "kd_jax").glob("cifar10-3.0.2-*/*.json")
+    reads = _FakeSource.reads
+    second = data.load_arrays("cifar10", "test", data_dir=tfds_dir)
+    assert _FakeSource.reads == reads  # served from the user's cache
+    np.testing.assert_array_equal(first[0], second[0])
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data.load_arrays("cifar10", "test", data_dir=tfds_dir)
+    assert list((tmp_path / "home" / ".cache" / "kd_jax").glob("cifar10-3.0.2-*/*.json"))
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("per_class", [1, 2, 3])
+def test_per_class_equals_balanced_subset_and_reads_less(tmp_path, balanced, per_class):
+    sizes = {"train": 60, "test": 30}
+    with tfds.testing.mock_data(as_data_source_fn=fake_as_data_source(sizes, balanced=balanced)):
+        full = data.load_arrays("cifar10", "train", cache_dir=tmp_path / "full")
+        want = data.balanced_subset(*full, per_class)
+        reads = _FakeSource.reads
+        got = data.load_arrays("cifar10", "train", cache_dir=tmp_path / "sub", per_class=per_class)
+        read = _FakeSource.reads - reads
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[1].dtype == np.int32 and len(got[1]) == 10 * per_class
+        if balanced:  # labels cycle through the classes: exactly the kept examples are read
+            assert read == 10 * per_class
+        assert read < 60
+        reads = _FakeSource.reads
+        again = data.load_arrays("cifar10", "train", cache_dir=tmp_path / "sub",
+                                 per_class=per_class)
+        assert _FakeSource.reads == reads  # cached, apart from the whole split's entry
+        np.testing.assert_array_equal(again[0], want[0])
+        assert len(list((tmp_path / "sub").glob("*.json"))) == 1
+
+
+def test_per_class_too_large_raises_balanced_subsets_error(fake_tfds, tmp_path):
+    images, labels = data.load_arrays("cifar10", "test", cache_dir=tmp_path)
+    with pytest.raises(ValueError) as want:
+        data.balanced_subset(images, labels, 20)
+    with pytest.raises(ValueError) as got:
+        data.load_arrays("cifar10", "test", cache_dir=tmp_path, per_class=20)
+    assert str(got.value) == str(want.value)
+    for bad in [0, -1, 2.5, True]:
+        with pytest.raises(ValueError, match="per_class"):
+            data.load_arrays("cifar10", "test", cache_dir=tmp_path, per_class=bad)
 
 
 def test_second_load_comes_from_cache(fake_tfds, tmp_path):
@@ -143,10 +196,20 @@ def test_missing_data_raises_one_clear_error(tmp_path, monkeypatch):
     message = str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert isinstance(info.value.__cause__, OSError)
+    checkout = Path(__file__).resolve().parents[1]
     for part in [str(empty), "cifar10", "3.0.2", "Network is unreachable",
-                 'pip install "kd_jax[prepare]"',
-                 "download_and_prepare(file_format='array_record')", "--data-dir", "TFDS_DATA_DIR"]:
+                 f'cd {checkout} && pip install -e ".[prepare]"',
+                 f"data_dir='{empty}'", "download_and_prepare(file_format='array_record')",
+                 "--data-dir", "TFDS_DATA_DIR"]:
         assert part in message, part
+    assert "kd_jax[prepare]" not in message  # kd_jax is not on PyPI
+
+
+def test_prepare_command_uses_an_absolute_data_dir(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    command = data._prepare_command("cifar100", "tfds")
+    assert command.startswith("cd ") and 'pip install -e ".[prepare]"' in command
+    assert f"tfds.builder('cifar100', data_dir='{tmp_path / 'tfds'}')" in command
 
 
 def test_non_array_record_data_is_reported(tmp_path):
@@ -174,6 +237,11 @@ def test_real_cifar10_test_split(tmp_path):
     # Mean pixel on the [0, 1] scale near the training-set statistics, i.e. real photographs.
     np.testing.assert_allclose(images.mean((0, 1, 2)) / 255, data.DATASETS["cifar10"].mean,
                                atol=0.01)
+    sub_images, sub_labels = data.load_arrays("cifar10", "test", data_dir=SHARED_TFDS,
+                                              cache_dir=tmp_path, per_class=50)
+    want_images, want_labels = data.balanced_subset(images, labels, 50)
+    np.testing.assert_array_equal(sub_images, want_images)
+    np.testing.assert_array_equal(sub_labels, want_labels)
 
 
 # ------------------------------------------------------------ subsets, order, step count
@@ -202,22 +270,6 @@ def test_steps_per_epoch_drops_partial_batch():
     assert data.steps_per_epoch(50_000, 128) == 390
     with pytest.raises(ValueError, match=r"batch size 64 .* 50 training examples"):
         data.steps_per_epoch(50, 64)
-
-
-def test_check_batch_size_names_both_numbers():
-    mesh8 = jax.sharding.AbstractMesh((8,), ("data",))
-    with pytest.raises(ValueError, match=r"batch size 100 .* 8 devices.*96 or 104"):
-        parallel.check_batch_size(100, mesh8)
-    parallel.check_batch_size(96, mesh8)
-
-
-def test_maybe_initialize_distributed_without_coordinator(monkeypatch):
-    for name in ["KD_JAX_COORDINATOR", "KD_JAX_NUM_PROCESSES", "KD_JAX_PROCESS_ID"]:
-        monkeypatch.delenv(name, raising=False)
-    assert parallel.maybe_initialize_distributed() is False
-    monkeypatch.setenv("KD_JAX_NUM_PROCESSES", "2")
-    with pytest.raises(ValueError, match="KD_JAX_COORDINATOR"):
-        parallel.maybe_initialize_distributed()
 
 
 # ------------------------------------------------------------------------ augmentation
