@@ -19,6 +19,9 @@ p.add_argument("--kill-at-step", type=int, default=None)
 p.add_argument("--coordinator", default=None)
 p.add_argument("--num-processes", type=int, default=None)
 p.add_argument("--process-id", type=int, default=None)
+p.add_argument("--from-environment", action="store_true",
+               help="start as under a cluster launcher: parallel.maybe_initialize_distributed() "
+                    "with no arguments reads the environment")
 p.add_argument("--batch-size", type=int, default=16)
 args = p.parse_args()
 
@@ -27,6 +30,12 @@ import jax  # noqa: E402
 if args.coordinator:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+elif args.from_environment:
+    from kd_jax import parallel  # noqa: E402
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    assert parallel.maybe_initialize_distributed(initialization_timeout=120)
+    print("initialized", jax.process_index(), jax.process_count(), flush=True)
 
 import numpy as np  # noqa: E402
 
