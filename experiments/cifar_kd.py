@@ -663,14 +663,10 @@ class Run:
             from kd_jax import data
             c = self.c
             t0 = time.perf_counter()
-            train_x, train_y = _load_split(c.data.dataset, "train", self.args.data_dir)
-            test_x, test_y = _load_split(c.data.dataset, "test", self.args.data_dir)
-            if c.data.train_subset:
-                train_x, train_y = _subset(train_x, train_y, c.data.train_subset, self.num_classes,
-                                           "--train-subset")
-            if c.data.test_subset:
-                test_x, test_y = _subset(test_x, test_y, c.data.test_subset, self.num_classes,
-                                         "--test-subset")
+            train_x, train_y = _load_split(c.data.dataset, "train", self.args.data_dir,
+                                           c.data.train_subset, self.num_classes)
+            test_x, test_y = _load_split(c.data.dataset, "test", self.args.data_dir,
+                                         c.data.test_subset, self.num_classes)
             if c.data.batch_size > len(train_x):
                 raise UsageError(f"--batch-size {c.data.batch_size} is larger than the "
                                  f"{len(train_x)} training images; lower it.")
@@ -925,13 +921,26 @@ class Run:
         return log
 
 
-def _load_split(dataset: str, split: str, data_dir: str | None):
-    """``data.load_arrays``, with a damaged prepared copy reported in one line."""
+def _load_split(dataset: str, split: str, data_dir: str | None, subset: int | None,
+                num_classes: int):
+    """``data.load_arrays`` of the class-balanced ``subset`` (the first subset/classes images
+    of each class; only those are decoded), with a damaged prepared copy reported in one line."""
     from kd_jax import data
+    per_class = None
+    if subset:
+        flag = f"--{split}-subset"
+        per_class = subset // num_classes
+        if per_class < 1:
+            raise UsageError(f"{flag} {subset} is smaller than the {num_classes} classes; use at "
+                             f"least {num_classes}.")
     try:
-        return data.load_arrays(dataset, split, data_dir=data_dir)
+        return data.load_arrays(dataset, split, data_dir=data_dir, per_class=per_class)
     except data.DataNotFoundError:
         raise
+    except ValueError as err:
+        if per_class is None:
+            raise
+        raise UsageError(f"{flag} {subset}: {err}") from err
     except Exception as err:  # noqa: BLE001 — array_record/TFDS raise many kinds
         where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
         raise UsageError(
@@ -939,18 +948,6 @@ def _load_split(dataset: str, split: str, data_dir: str | None):
             f"({type(err).__name__}: {_squash(err, 200)}); its prepared files are damaged: delete "
             f"{os.path.join(where, dataset)} and prepare it again (pip install -e \".[prepare]\" "
             "with network), or pass --data-dir with an intact copy.") from err
-
-
-def _subset(x, y, n, num_classes, flag):
-    from kd_jax import data
-    per_class = n // num_classes
-    if per_class < 1:
-        raise UsageError(f"{flag} {n} is smaller than the {num_classes} classes; use at least "
-                         f"{num_classes}.")
-    try:
-        return data.balanced_subset(x, y, per_class)
-    except ValueError as err:
-        raise UsageError(f"{flag} {n}: {err}") from err
 
 
 def _duration(seconds: float) -> str:
