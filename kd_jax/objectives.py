@@ -30,8 +30,8 @@ import optax
 
 from kd_jax import losses
 
-__all__ = ["METHODS", "Objective", "WithHintRegressor", "from_method", "objective_loss",
-           "prepare_student"]
+__all__ = ["METHODS", "Objective", "WithHintRegressor", "cross_entropy", "from_method",
+           "objective_loss", "prepare_student"]
 
 LOGIT_TERMS = ("none", "kd", "dkd", "dist")
 FEATURE_CONVENTIONS = ("post_relu", "pre_relu")
@@ -168,6 +168,21 @@ def prepare_student(student: nn.Module, objective: Objective, teacher: nn.Module
                              post_relu=objective.features == "post_relu")
 
 
+def cross_entropy(logits, labels) -> jax.Array:
+    """Per-example cross-entropy with integer ``labels``, float32; NaN where a label is outside
+    ``[0, C)``.
+
+    The library's one behaviour for out-of-range labels (as :func:`kd_jax.losses.
+    distillation_loss`): the example's loss is NaN, so a training run stops at once on its
+    non-finite-loss check instead of learning from a silently wrapped class (optax's
+    cross-entropy alone would treat -1 as class C-1).
+    """
+    logits = jnp.asarray(logits).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    return jnp.where(valid, ce, jnp.nan)
+
+
 def _post_relu(features):
     """Stage maps after their final ReLU (exact for the post-activation ResNet families,
     whose ``stageN`` is the last block's sum before that ReLU)."""
@@ -190,8 +205,7 @@ def objective_loss(objective: Objective, *, student_logits, student_features,
         loss = losses.distillation_loss(student_logits, teacher_logits, labels,
                                         temperature=o.temperature, alpha=o.alpha).mean()
     else:
-        ce = optax.softmax_cross_entropy_with_integer_labels(
-            student_logits.astype(jnp.float32), labels).mean()
+        ce = cross_entropy(student_logits, labels).mean()
         loss = o.ce_weight * ce
         if o.logit == "dkd":
             warm = jnp.minimum(epoch / o.dkd_warmup_epochs, 1.0) if o.dkd_warmup_epochs else 1.0

@@ -25,7 +25,7 @@ import optax
 from flax.training import train_state
 
 from kd_jax import data
-from kd_jax.objectives import Objective, objective_loss
+from kd_jax.objectives import Objective, cross_entropy, objective_loss
 
 __all__ = [
     "OptimConfig",
@@ -179,7 +179,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, dataset: str
     def loss_fn(params):
         logits, updates = state.apply_fn(_variables(state, params), images, train=True,
                                          mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        loss = cross_entropy(logits, labels).mean()
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -386,7 +386,7 @@ def eval_step(variables: Any, batch: dict[str, jax.Array], *, apply_fn: Callable
               else preprocess(batch["image"]))
     logits = apply_fn(variables, images, train=False)
     mask = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    ce = cross_entropy(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"correct": jnp.sum(correct * mask), "loss_sum": jnp.sum(ce * mask),
             "count": jnp.sum(mask)}

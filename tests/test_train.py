@@ -402,3 +402,22 @@ def test_vmap_impl_equals_the_loop_and_auto_picks_the_loop_on_cpu(trained_teache
                                teacher_apply=teacher.apply, dataset="cifar10",
                                steps_per_epoch=4, impl="vmap")
     assert loop._platform(mesh) == "cpu"  # where "auto" takes the loop
+
+
+def test_out_of_range_labels_give_a_non_finite_loss_everywhere():
+    """One behaviour across the library: a label outside [0, C) makes that example's loss NaN
+    (train_step, eval_step, the objectives, kd_jax.losses), never a silently wrapped class."""
+    import numpy as np
+    from kd_jax import losses, objectives
+    logits = jnp.zeros((3, 10))
+    labels = jnp.array([1, -1, 10])
+    ce = objectives.cross_entropy(logits, labels)
+    assert np.isfinite(ce[0]) and np.isnan(ce[1]) and np.isnan(ce[2])
+    kd = jax.jit(lambda s, t, y: losses.distillation_loss(s, t, y, temperature=4.0,
+                                                          alpha=0.9))(logits, logits, labels)
+    assert np.isfinite(kd[0]) and np.isnan(kd[1]) and np.isnan(kd[2])
+    for method in ("none", "dkd", "dist"):
+        loss = objectives.objective_loss(objectives.METHODS[method], student_logits=logits,
+                                         student_features=None, teacher_logits=logits,
+                                         teacher_features=None, labels=labels, epoch=1.0)
+        assert np.isnan(loss), method
