@@ -9,18 +9,33 @@ unless the loss itself relates examples to each other.
 * Relational losses (DIST, SP, RKD, PKT) return a scalar.
 
 All arithmetic runs in float32 or wider: bfloat16/float16 inputs are upcast to
-float32 first, float64 inputs stay float64. Shapes, dtypes and Python-number
-hyperparameters are validated at trace time and raise ``ValueError``; traced
-hyperparameters cannot be checked.
+float32 first, float64 inputs stay float64. Shapes and dtypes are validated at trace
+time and raise ``ValueError``.
+
+Three promises hold for every loss (tested):
+
+* **Non-finite in, non-finite out.** A NaN or infinite value in the student or teacher
+  input makes the output NaN for the examples it belongs to (the whole value of a
+  relational loss), so a run's non-finite-loss check fires; it is never masked into a
+  plausible number.
+* **Out-of-range labels** (outside ``[0, C)``, e.g. -1) give NaN for that example, here
+  and in the train/eval steps (:func:`kd_jax.objectives.cross_entropy`).
+* **Hyperparameters are checked whatever their type**: a temperature must be a finite
+  scalar > 0, ``alpha`` a scalar in [0, 1], weights finite scalars, whether given as a
+  Python number, a NumPy scalar or 0-d array, or a concrete JAX array. A non-scalar
+  (e.g. a ``[B, 1]`` temperature, which would broadcast the loss to ``[B, B]``) is
+  rejected even when traced; the value of a traced scalar cannot be checked.
 """
 
 from __future__ import annotations
 
-import numbers
+import functools
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = [
@@ -109,10 +124,60 @@ def _validated(
     return s.astype(dtype), t.astype(dtype)
 
 
+def _concrete_scalar(name: str, value: float | ArrayLike) -> float | None:
+    """A hyperparameter's value if it is concrete (a Python or NumPy number, or a concrete
+    NumPy/JAX array), ``None`` if traced. Any non-scalar shape is rejected, traced or not:
+    a ``[B, 1]`` temperature would silently broadcast the loss to ``[B, B]``."""
+    shape = jnp.shape(value)
+    if shape != ():
+        raise ValueError(
+            f"`{name}` must be a scalar, got shape {shape}; per-example values are not "
+            f"supported: compute the loss per group of examples sharing one `{name}`.")
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return float(np.asarray(value))
+
+
 def _check_positive(name: str, value: float | ArrayLike) -> None:
-    """Rejects a non-positive hyperparameter when it is a Python/NumPy number."""
-    if isinstance(value, numbers.Real) and not value > 0:
-        raise ValueError(f"`{name}` must be > 0, got {value}; pass a positive number.")
+    """Rejects a non-scalar, non-finite or non-positive hyperparameter (any concrete type)."""
+    v = _concrete_scalar(name, value)
+    if v is not None and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {v}; pass a positive "
+                         "number.")
+
+
+def _check_unit(name: str, value: float | ArrayLike, meaning: str) -> None:
+    """Rejects a non-scalar or a concrete value outside ``[0, 1]`` (NaN included)."""
+    v = _concrete_scalar(name, value)
+    if v is not None and not 0.0 <= v <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {v}; {meaning}")
+
+
+def _check_finite_weight(name: str, value: float | ArrayLike) -> None:
+    v = _concrete_scalar(name, value)
+    if v is not None and not math.isfinite(v):
+        raise ValueError(f"`{name}` must be a finite number, got {v}.")
+
+
+def _nonfinite_propagates(loss):
+    """Makes ``loss(student, teacher, ...)`` NaN wherever its inputs are not finite.
+
+    Each output element is NaN when any value of the student or teacher array that it is
+    computed from (the same leading example axes; all of them for a scalar loss) is NaN or
+    infinite. Without this, masks such as ``p > 0`` (False for NaN) would turn a NaN teacher
+    into a plausible finite loss and hide a broken run.
+    """
+
+    @functools.wraps(loss)
+    def wrapped(student, teacher, *args, **kwargs):
+        out = loss(student, teacher, *args, **kwargs)
+        bad = jnp.zeros(out.shape, bool)
+        for x in (student, teacher):
+            x = jnp.asarray(x)
+            bad = bad | ~jnp.all(jnp.isfinite(x), axis=tuple(range(out.ndim, x.ndim)))
+        return jnp.where(bad, jnp.nan, out)
+
+    return wrapped
 
 
 def _check_labels(labels: ArrayLike, logits: jax.Array) -> jax.Array:
@@ -229,6 +294,7 @@ def tempered_log_softmax(logits: ArrayLike, temperature: float = 1.0) -> jax.Arr
     return jax.nn.log_softmax(z / temperature, axis=-1)
 
 
+@_nonfinite_propagates
 def soft_target_kl(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -268,6 +334,7 @@ def soft_target_kl(
     return temperature**2 * _kl(log_p_t, log_p_s)
 
 
+@_nonfinite_propagates
 def soft_target_cross_entropy(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -303,6 +370,7 @@ def soft_target_cross_entropy(
     return -(temperature**2) * jnp.sum(p_t * log_p_s, axis=-1)
 
 
+@_nonfinite_propagates
 def distillation_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -342,10 +410,8 @@ def distillation_loss(
         match="shape")
     labels = _check_labels(labels, s)
     _check_positive("temperature", temperature)
-    if isinstance(alpha, numbers.Real) and not 0.0 <= alpha <= 1.0:
-        raise ValueError(
-            f"`alpha` must be in [0, 1], got {alpha}; it is the weight of the "
-            "distillation term and (1 - alpha) that of the cross-entropy.")
+    _check_unit("alpha", alpha, "it is the weight of the distillation term and (1 - alpha) "
+                "that of the cross-entropy.")
     target, valid = _one_hot_mask(labels, s.shape[-1])
     log_p = jax.nn.log_softmax(s, axis=-1)
     ce = -jnp.sum(jnp.where(target, log_p, 0.0), axis=-1)
@@ -354,6 +420,7 @@ def distillation_loss(
     return (1.0 - alpha) * ce + alpha * kd
 
 
+@_nonfinite_propagates
 def dkd_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -402,6 +469,8 @@ def dkd_loss(
         match="shape")
     labels = _check_labels(labels, s)
     _check_positive("temperature", temperature)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        _check_finite_weight(name, value)
     num_classes = s.shape[-1]
     if num_classes < 2:
         raise ValueError(
@@ -438,6 +507,7 @@ def _pearson(x: jax.Array, y: jax.Array, axis: int, eps: float = 1e-8) -> jax.Ar
     return num / (_safe_norm(a, axis) * _safe_norm(b, axis) + eps)
 
 
+@_nonfinite_propagates
 def dist_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -480,6 +550,8 @@ def dist_loss(
         student_logits, teacher_logits, ("student_logits", "teacher_logits"),
         match="shape", ndim=2)
     _check_positive("temperature", temperature)
+    for name, value in (("beta", beta), ("gamma", gamma)):
+        _check_finite_weight(name, value)
     p_s = jax.nn.softmax(s / temperature, axis=-1)
     p_t = jax.nn.softmax(t / temperature, axis=-1)
     inter = jnp.mean(1.0 - _pearson(p_s, p_t, axis=1))
@@ -496,6 +568,7 @@ def _standardize(z: jax.Array, eps: float = 1e-7) -> jax.Array:
     return centered / (std + eps)
 
 
+@_nonfinite_propagates
 def lskd_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -542,6 +615,7 @@ def lskd_loss(
 # ----------------------------------------------------------------------------
 
 
+@_nonfinite_propagates
 def hint_loss(student_feature: ArrayLike, teacher_feature: ArrayLike) -> jax.Array:
     r"""FitNets hint loss: mean squared error between features.
 
@@ -581,6 +655,7 @@ def _check_same_spatial(s: jax.Array, t: jax.Array) -> None:
             "pool one map to the other's H x W first.")
 
 
+@_nonfinite_propagates
 def attention_transfer_loss(
     student_feature: ArrayLike,
     teacher_feature: ArrayLike,
@@ -617,6 +692,7 @@ def attention_transfer_loss(
     return jnp.mean(jnp.square(_attention_map(s, p) - _attention_map(t, p)), axis=-1)
 
 
+@_nonfinite_propagates
 def nst_loss(student_feature: ArrayLike, teacher_feature: ArrayLike) -> jax.Array:
     r"""Neuron selectivity transfer: squared MMD with a degree-2 polynomial kernel.
 
@@ -659,6 +735,7 @@ def nst_loss(student_feature: ArrayLike, teacher_feature: ArrayLike) -> jax.Arra
     return poly_mean(u_t, u_t) + poly_mean(u_s, u_s) - 2.0 * poly_mean(u_s, u_t)
 
 
+@_nonfinite_propagates
 def similarity_preserving_loss(
     student_feature: ArrayLike, teacher_feature: ArrayLike
 ) -> jax.Array:
@@ -710,6 +787,7 @@ def _rkd_terms(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return dist, angle
 
 
+@_nonfinite_propagates
 def rkd_loss(
     student_embedding: ArrayLike,
     teacher_embedding: ArrayLike,
@@ -766,6 +844,7 @@ def rkd_loss(
     return distance_weight * dist_term + angle_weight * angle_term
 
 
+@_nonfinite_propagates
 def pkt_loss(student_embedding: ArrayLike, teacher_embedding: ArrayLike) -> jax.Array:
     r"""Probabilistic knowledge transfer: match cosine-kernel conditional densities.
 

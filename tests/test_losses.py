@@ -590,3 +590,84 @@ _MAP = np.zeros((4, 8, 8, 3), np.float32)
 def test_invalid_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs give non-finite outputs; hyperparameters are checked whatever their type.
+
+def _loss_cases():
+    import kd_jax.losses as L
+    labels = jnp.array([0, 1, 2, 3])
+    logit = lambda f: (lambda s, t: f(s, t))  # noqa: E731
+    return {
+        "soft_target_kl": (lambda s, t: L.soft_target_kl(s, t, temperature=4.0), "logits"),
+        "soft_target_cross_entropy": (
+            lambda s, t: L.soft_target_cross_entropy(s, t, temperature=4.0), "logits"),
+        "distillation_loss": (lambda s, t: L.distillation_loss(s, t, labels, temperature=4.0,
+                                                               alpha=0.9), "logits"),
+        "dkd_loss": (lambda s, t: L.dkd_loss(s, t, labels), "logits"),
+        "lskd_loss": (lambda s, t: L.lskd_loss(s, t, temperature=2.0), "logits"),
+        "dist_loss": (logit(L.dist_loss), "logits"),
+        "hint_loss": (logit(L.hint_loss), "maps"),
+        "attention_transfer_loss": (logit(L.attention_transfer_loss), "maps"),
+        "nst_loss": (logit(L.nst_loss), "maps"),
+        "similarity_preserving_loss": (logit(L.similarity_preserving_loss), "embeddings"),
+        "rkd_loss": (logit(L.rkd_loss), "embeddings"),
+        "pkt_loss": (logit(L.pkt_loss), "embeddings"),
+    }
+
+
+_SHAPES = {"logits": (4, 10), "maps": (4, 4, 4, 3), "embeddings": (4, 8)}
+
+
+@pytest.mark.parametrize("name", sorted(_loss_cases()))
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_non_finite_inputs_give_non_finite_outputs(name, bad, where):
+    fn, kind = _loss_cases()[name]
+    shape = _SHAPES[kind]
+    s = jax.random.normal(jax.random.PRNGKey(0), shape)
+    t = jax.random.normal(jax.random.PRNGKey(1), shape)
+    clean = np.asarray(jax.jit(fn)(s, t))
+    assert np.all(np.isfinite(clean)), name
+    if where == "student":
+        s = s.at[1, 0].set(bad)
+    else:
+        t = t.at[1, 0].set(bad)
+    out = np.asarray(jax.jit(fn)(s, t))
+    if out.ndim == 0:
+        assert not np.isfinite(out), (name, out)
+    else:  # per example: the hit example is non-finite, the others unchanged
+        assert not np.isfinite(out[1]), (name, out)
+        np.testing.assert_array_equal(np.delete(out, 1), np.delete(clean, 1))
+
+
+@pytest.mark.parametrize("temperature", [np.float32(0.0), jnp.array(-1.0), np.array(np.nan),
+                                         jnp.array(np.inf)])
+def test_concrete_bad_temperature_of_any_type_is_rejected(temperature):
+    from kd_jax.losses import soft_target_kl
+    z = jnp.zeros((4, 10))
+    with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
+        soft_target_kl(z, z, temperature=temperature)
+
+
+@pytest.mark.parametrize("alpha", [2.0, jnp.array(2.0), np.float64(-0.1), np.array(np.nan)])
+def test_concrete_bad_alpha_of_any_type_is_rejected(alpha):
+    from kd_jax.losses import distillation_loss
+    z = jnp.zeros((4, 10))
+    with pytest.raises(ValueError, match=r"`alpha` must be in \[0, 1\]"):
+        distillation_loss(z, z, jnp.zeros(4, jnp.int32), temperature=4.0, alpha=alpha)
+
+
+def test_non_scalar_temperature_is_rejected_even_when_traced():
+    from kd_jax.losses import distillation_loss, soft_target_kl
+    z = jnp.zeros((4, 10))
+    with pytest.raises(ValueError, match="`temperature` must be a scalar, got shape \\(4, 1\\)"):
+        soft_target_kl(z, z, temperature=jnp.ones((4, 1)))
+    with pytest.raises(ValueError, match="must be a scalar"):
+        jax.jit(lambda t: soft_target_kl(z, z, temperature=t))(jnp.ones((4,)))
+    with pytest.raises(ValueError, match="`alpha` must be a scalar"):
+        distillation_loss(z, z, jnp.zeros(4, jnp.int32), temperature=4.0, alpha=np.ones(4))
+    # A traced scalar cannot be checked, and is accepted.
+    out = jax.jit(lambda t: soft_target_kl(z, z, temperature=t))(jnp.float32(2.0))
+    assert out.shape == (4,)
