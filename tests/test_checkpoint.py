@@ -89,3 +89,71 @@ def test_variables_export_round_trip(tmp_path):
     restored, meta2 = checkpoint.load_variables(tmp_path / "t", variables)
     assert meta2 == meta
     np.testing.assert_array_equal(restored["params"]["w"], np.arange(3.0))
+
+
+# ------------------------------------------------------------------ corrupt checkpoints
+
+def _garbage_meta(step_dir: Path):
+    (step_dir / "meta" / "metadata").write_text("{not json")
+
+
+def _truncate_data(step_dir: Path):
+    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+    with open(files[-1], "r+b") as f:
+        f.truncate(files[-1].stat().st_size // 2)
+
+
+def _delete_data(step_dir: Path):
+    data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data
+    for path in data:
+        path.unlink()
+
+
+def _swap_arrays(step_dir: Path):
+    """Valid arrays of another step: only the recorded digest can tell (bit rot that
+    decodes, or two changed weights)."""
+    import shutil
+    shutil.rmtree(step_dir / "state")
+    shutil.copytree(step_dir.parent / "1" / "state", step_dir / "state")
+
+
+@pytest.mark.parametrize("damage", [_garbage_meta, _truncate_data, _delete_data, _swap_arrays])
+def test_a_corrupt_step_is_moved_aside_and_can_be_saved_again(tmp_path, damage):
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3)
+    for step in (1, 2):
+        ckpt.save(step, _tree(step), meta={"epoch": step}, metrics={"test_accuracy": 0.1})
+    damage(tmp_path / "2")
+    with pytest.warns(UserWarning, match="step 2 .* could not be read.*moved it to"):
+        step, tree, meta = ckpt.restore(_tree(0))
+    assert step == 1 and meta == {"epoch": 1}
+    np.testing.assert_array_equal(tree["w"], np.full(4, 1.0))
+    assert ckpt.all_steps() == [1]
+    assert len(list((tmp_path / "corrupt").iterdir())) == 1  # kept for inspection
+    # The rerun saves step 2 again instead of dying with StepAlreadyExistsError.
+    ckpt.save(2, _tree(2), meta={"epoch": 2}, metrics={"test_accuracy": 0.1})
+    assert ckpt.restore(_tree(0))[0] == 2
+
+
+def test_with_every_checkpoint_bad_the_run_starts_afresh_with_a_warning(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3)
+    ckpt.save(1, _tree(1), meta={"epoch": 1}, metrics={"test_accuracy": 0.1})
+    _garbage_meta(tmp_path / "1")
+    with pytest.warns(UserWarning, match="no readable checkpoint .* starting afresh"):
+        assert ckpt.restore(_tree(0)) is None
+    ckpt.save(1, _tree(1), meta={"epoch": 1}, metrics={"test_accuracy": 0.1})
+
+
+def test_changed_weights_of_a_saved_model_are_detected(tmp_path):
+    checkpoint.save_variables(tmp_path / "a", {"params": {"w": jnp.arange(4.0)}}, {"arch": "x"})
+    checkpoint.save_variables(tmp_path / "b", {"params": {"w": jnp.arange(4.0) + 1}},
+                              {"arch": "x"})
+    variables, meta = checkpoint.load_variables(tmp_path / "a")
+    assert meta == {"arch": "x"}
+    assert checkpoint.variables_digest(tmp_path / "a") == checkpoint.tree_digest(variables)
+    import shutil
+    shutil.rmtree(tmp_path / "a" / "variables")
+    shutil.copytree(tmp_path / "b" / "variables", tmp_path / "a" / "variables")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="do not match the SHA-256"):
+        checkpoint.load_variables(tmp_path / "a")
