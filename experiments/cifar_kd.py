@@ -943,9 +943,13 @@ def _load_split(dataset: str, split: str, data_dir: str | None, subset: int | No
         raise UsageError(f"{flag} {subset}: {err}") from err
     except Exception as err:  # noqa: BLE001 — array_record/TFDS raise many kinds
         where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        import glob
+        files = sorted(glob.glob(os.path.join(os.path.expanduser(where), dataset, "*",
+                                              f"{dataset}-{split}.*")))
         raise UsageError(
-            f"could not read the {split} split of {dataset} from {where} "
-            f"({type(err).__name__}: {_squash(err, 200)}); its prepared files are damaged: delete "
+            f"could not read the {split} split of {dataset} from "
+            f"{', '.join(files) or where} ({type(err).__name__}: {_squash(err, 200)}); its "
+            f"prepared files are damaged: delete "
             f"{os.path.join(where, dataset)} and prepare it again (pip install -e \".[prepare]\" "
             "with network), or pass --data-dir with an intact copy.") from err
 

@@ -197,3 +197,23 @@ def test_a_second_run_in_one_workdir_is_refused_and_a_killed_one_leaves_no_lock(
     holder.wait()
     lock = cifar_kd.acquire_workdir_lock(str(tmp_path))  # the kernel released it
     lock.close()
+
+
+@pytest.mark.skipif(not SHARED_TFDS.exists(), reason="../shared/tfds is not present")
+def test_a_damaged_tfds_record_file_is_named_in_one_line(tmp_path):
+    source = SHARED_TFDS / "cifar10" / "3.0.2"
+    target = tmp_path / "tfds" / "cifar10" / "3.0.2"
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if "test.array_record" in path.name:  # a truncated copy
+            (target / path.name).write_bytes(path.read_bytes()[:1_000_000])
+        else:
+            (target / path.name).symlink_to(path)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "--data-dir",
+                           str(tmp_path / "tfds"), "--train-subset", "100", "--test-subset", "100",
+                           "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = _one_line(proc.stderr)
+    assert "cifar10-test.array_record-00000-of-00001" in line and "prepare it again" in line
