@@ -40,9 +40,15 @@ from jax.typing import ArrayLike
 
 __all__ = [
     "attention_transfer_loss",
+    "cc_loss",
+    "crd_memory_update",
+    "crd_nce_loss",
+    "crd_normalizers",
+    "crd_sample_negatives",
     "distillation_loss",
     "dist_loss",
     "dkd_loss",
+    "hcl_loss",
     "hint_loss",
     "lskd_loss",
     "nst_loss",
@@ -53,6 +59,7 @@ __all__ = [
     "soft_target_kl",
     "tempered_log_softmax",
     "tempered_softmax",
+    "vid_loss",
 ]
 
 
@@ -885,3 +892,553 @@ def pkt_loss(student_embedding: ArrayLike, teacher_embedding: ArrayLike) -> jax.
 
     p_s, p_t = conditional(s), conditional(t)
     return jnp.mean(p_t * (jnp.log(p_t + eps) - jnp.log(p_s + eps)))
+
+
+# ----------------------------------------------------------------------------
+# CRD, VID, CC and ReviewKD's hierarchical context loss.
+# ----------------------------------------------------------------------------
+
+
+def _concrete_array(x: ArrayLike) -> np.ndarray | None:
+    """`x` as a NumPy array if its value is known at trace time, ``None`` if traced."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _int_array(name: str, x: ArrayLike, ndim: int, holds: str) -> jax.Array:
+    """Checks an integer array of rank `ndim`; `holds` says what its values mean."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(
+            f"`{name}` must hold integer {holds}, got dtype {x.dtype}; cast it with "
+            "`.astype(jnp.int32)`.")
+    if x.ndim != ndim:
+        raise ValueError(f"`{name}` must have rank {ndim}, got shape {x.shape}.")
+    return x
+
+
+def _check_count(name: str, value: int, minimum: int = 1) -> int:
+    """A static integer hyperparameter (it sets a shape or a loop), ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be a Python integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_index_range(name: str, indices: jax.Array, size: int) -> None:
+    """Rejects concrete indices outside ``[0, size)``; traced ones are handled by the caller."""
+    v = _concrete_array(indices)
+    if v is not None and v.size and (v.min() < 0 or v.max() >= size):
+        raise ValueError(
+            f"`{name}` must lie in [0, {size}), got values in [{v.min()}, {v.max()}]; pass "
+            "positions in the training set (the rows of the memory).")
+
+
+def crd_sample_negatives(
+    key: jax.Array,
+    indices: ArrayLike,
+    *,
+    num_examples: int,
+    num_negatives: int = 16384,
+    dataset_labels: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Contrast indices for CRD: each example's own index, then its negatives.
+
+    Row ``b`` is ``[indices[b], n_1, ..., n_K]`` with :math:`K` = `num_negatives`. Both
+    of RepDistiller's samplers are provided:
+
+    * ``dataset_labels`` given — RepDistiller's default (``CIFAR100InstanceSample``,
+      ``mode='exact'``): the negatives are a uniform sample *without replacement* from
+      the examples of other classes, :math:`\{j : y_j \ne y_{\mathrm{indices}[b]}\}`.
+      No row repeats a negative, and neither the positive nor any example of its class
+      is a negative. RepDistiller falls back to sampling with replacement when
+      :math:`K` exceeds that set; here this raises ``ValueError`` if `dataset_labels` is
+      concrete (checked against the largest class), and gives same-class negatives if it
+      is traced.
+    * ``dataset_labels=None`` — ``ContrastMemory``'s own sampler (used there when no
+      contrast indices are passed): negatives uniform *with replacement* over all
+      `num_examples` examples, so a negative may repeat or equal the positive.
+
+    RepDistiller's ``mode='relax'`` (a random positive of the same class) is not
+    provided. The rows depend on `key` only: the same key gives the same draws. The
+    without-replacement sampler takes the top :math:`K` of i.i.d. Gumbel keys over the
+    allowed examples, so it costs :math:`O(B N)` memory and a top-k over :math:`N`.
+
+    Args:
+      key: a ``jax.random`` key.
+      indices: positions ``[B]`` of the batch's examples in the training set, in
+        ``[0, num_examples)``.
+      num_examples: :math:`N`, the training-set size (rows of the CRD memories).
+      num_negatives: :math:`K \ge 1`; the paper and RepDistiller use 16384.
+      dataset_labels: integer class of every training example, ``[N]``; selects the
+        class-exclusive sampler.
+
+    Returns:
+      int32 indices of shape ``[B, K + 1]``; column 0 is `indices`.
+
+    References:
+      Tian et al., `Contrastive Representation Distillation
+      <https://arxiv.org/abs/1910.10699>`_, ICLR 2020
+    """
+    num_examples = _check_count("num_examples", num_examples)
+    num_negatives = _check_count("num_negatives", num_negatives)
+    indices = _int_array("indices", indices, 1, "example indices")
+    _check_index_range("indices", indices, num_examples)
+    batch = indices.shape[0]
+    if dataset_labels is None:
+        negatives = jax.random.randint(
+            key, (batch, num_negatives), 0, num_examples, dtype=jnp.int32)
+    else:
+        labels = _int_array("dataset_labels", dataset_labels, 1, "class ids")
+        if labels.shape[0] != num_examples:
+            raise ValueError(
+                f"`dataset_labels` must have one class per training example, shape "
+                f"({num_examples},), got {labels.shape}.")
+        concrete = _concrete_array(labels)
+        if concrete is not None:
+            largest = int(np.unique(concrete, return_counts=True)[1].max())
+            if num_negatives > num_examples - largest:
+                raise ValueError(
+                    f"`num_negatives` = {num_negatives} exceeds the {num_examples - largest} "
+                    "examples outside the largest class, so negatives cannot be drawn without "
+                    "replacement; use fewer negatives.")
+        other_class = labels[None, :] != labels[indices][:, None]  # [B, N]
+        gumbel = jax.random.gumbel(key, (batch, num_examples), jnp.float32)
+        _, negatives = jax.lax.top_k(jnp.where(other_class, gumbel, -jnp.inf), num_negatives)
+    return jnp.concatenate(
+        [indices.astype(jnp.int32)[:, None], negatives.astype(jnp.int32)], axis=1)
+
+
+def _crd_log_scores(
+    student_embedding: ArrayLike,
+    teacher_embedding: ArrayLike,
+    student_memory: ArrayLike,
+    teacher_memory: ArrayLike,
+    sample_idx: ArrayLike,
+    temperature: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Validated CRD scores ``<memory row, anchor> / T``, two ``[B, K + 1]`` arrays.
+
+    Returns ``(student_scores, teacher_scores, valid, N)``: the student anchors scored
+    against the teacher memory, the teacher anchors against the student memory, and
+    whether each row's indices are in range.
+    """
+    s, t = _validated(
+        student_embedding, teacher_embedding, ("student_embedding", "teacher_embedding"),
+        match="shape", ndim=2)
+    m_s, m_t = _validated(
+        student_memory, teacher_memory, ("student_memory", "teacher_memory"),
+        match="shape", ndim=2)
+    if m_s.shape[1] != s.shape[1]:
+        raise ValueError(
+            f"`student_memory` rows must have the embedding size {s.shape[1]} of "
+            f"`student_embedding`, got memory shape {m_s.shape}.")
+    idx = _int_array("sample_idx", sample_idx, 2, "example indices")
+    if idx.shape[0] != s.shape[0] or idx.shape[1] < 2:
+        raise ValueError(
+            f"`sample_idx` must have shape [B, K + 1] = [{s.shape[0]}, >= 2] (the positive "
+            f"then K >= 1 negatives), got {idx.shape}; see `crd_sample_negatives`.")
+    _check_positive("temperature", temperature)
+    num_examples = m_s.shape[0]
+    _check_index_range("sample_idx", idx, num_examples)
+    dtype = jnp.promote_types(s.dtype, m_s.dtype)
+    valid = jnp.all((idx >= 0) & (idx < num_examples), axis=1)
+    safe = jnp.clip(idx, 0, num_examples - 1)
+    # The memories are buffers, not parameters (RepDistiller detaches them).
+    w_t = jax.lax.stop_gradient(m_t.astype(dtype))[safe]  # [B, K + 1, D]
+    w_s = jax.lax.stop_gradient(m_s.astype(dtype))[safe]
+    student_scores = jnp.einsum("bkd,bd->bk", w_t, s.astype(dtype)) / temperature
+    teacher_scores = jnp.einsum("bkd,bd->bk", w_s, t.astype(dtype)) / temperature
+    return student_scores, teacher_scores, valid, num_examples
+
+
+def _crd_log_normalizer(scores: jax.Array, num_examples: int) -> jax.Array:
+    """``log(N * mean(exp(scores)))``, a constant for differentiation."""
+    log_mean = jax.nn.logsumexp(scores) - math.log(scores.size)
+    return jax.lax.stop_gradient(math.log(num_examples) + log_mean)
+
+
+def crd_normalizers(
+    student_embedding: ArrayLike,
+    teacher_embedding: ArrayLike,
+    student_memory: ArrayLike,
+    teacher_memory: ArrayLike,
+    sample_idx: ArrayLike,
+    *,
+    temperature: float = 0.07,
+) -> tuple[jax.Array, jax.Array]:
+    r"""RepDistiller's estimate of the CRD partition functions from one batch.
+
+    .. math::
+      Z^s = N \cdot \mathrm{mean}_{b,k} \exp(\langle m^t_{j_{bk}}, f^s_b\rangle / T), \qquad
+      Z^t = N \cdot \mathrm{mean}_{b,k} \exp(\langle m^s_{j_{bk}}, f^t_b\rangle / T)
+
+    with :math:`j = ` `sample_idx` and the means over all :math:`B (K + 1)` entries.
+    RepDistiller computes these once, on the first batch, and keeps them fixed; do the
+    same by calling this at the first step and passing the result as ``normalizers`` to
+    :func:`crd_nce_loss`. Arguments are those of :func:`crd_nce_loss`.
+
+    Returns:
+      ``(Z_s, Z_t)``, two scalars (no gradient flows through them).
+
+    References:
+      Tian et al., `Contrastive Representation Distillation
+      <https://arxiv.org/abs/1910.10699>`_, ICLR 2020
+    """
+    scores_s, scores_t, _, n = _crd_log_scores(
+        student_embedding, teacher_embedding, student_memory, teacher_memory, sample_idx,
+        temperature)
+    return (jnp.exp(_crd_log_normalizer(scores_s, n)),
+            jnp.exp(_crd_log_normalizer(scores_t, n)))
+
+
+def crd_nce_loss(
+    student_embedding: ArrayLike,
+    teacher_embedding: ArrayLike,
+    student_memory: ArrayLike,
+    teacher_memory: ArrayLike,
+    sample_idx: ArrayLike,
+    *,
+    temperature: float = 0.07,
+    normalizers: tuple[ArrayLike, ArrayLike] | None = None,
+) -> jax.Array:
+    r"""CRD's NCE loss, both directions, with memory-bank negatives.
+
+    For the student anchor :math:`f^s_b` scored against the teacher memory :math:`m^t`
+    at the indices :math:`j_{b0}` (the positive, the example itself) and
+    :math:`j_{b1..bK}` (negatives):
+
+    .. math::
+      P_{bk} = \frac{\exp(\langle m^t_{j_{bk}}, f^s_b\rangle / T)}{Z^s}, \qquad
+      c = \frac{K}{N} + 10^{-7}, \\
+      \ell^s_b = -\log \frac{P_{b0}}{P_{b0} + c}
+                 - \sum_{k=1}^{K} \log \frac{K / N}{P_{bk} + c}
+
+    i.e. the NCE posterior that a sample came from the data rather than the uniform noise
+    distribution :math:`P_n = 1/N` with :math:`K` noise samples per positive (the paper's
+    eq. 18; :math:`10^{-7}` is RepDistiller's ``eps``). :math:`\ell^t_b` is the same
+    with the teacher anchor :math:`f^t_b` against the student memory :math:`m^s`, and
+    :math:`\ell_b = \ell^s_b + \ell^t_b`; its batch mean is RepDistiller's ``CRDLoss``.
+    Computed in log space, so large scores do not overflow.
+
+    *Normaliser.* RepDistiller sets :math:`Z = N \cdot \mathrm{mean}(\exp(\cdot / T))`
+    from the first batch and then keeps it fixed. This pure function takes
+    ``normalizers=(Z_s, Z_t)`` for that (see :func:`crd_normalizers`); with ``None``
+    it estimates both from the current batch, which couples the examples (a non-finite
+    input then makes every output NaN). Either way :math:`Z` is a constant for
+    differentiation, as in RepDistiller.
+
+    The memories are buffers (update them with :func:`crd_memory_update` after the
+    loss); no gradient flows into them. Gradients flow into both embeddings, as both
+    embedding heads are trained in CRD. The embeddings are used as given: CRD's heads
+    L2-normalise them (RepDistiller's ``Embed``). Out-of-range indices in `sample_idx`
+    raise if concrete and give NaN for their example if traced.
+
+    Args:
+      student_embedding: student embedding ``[B, D]`` (the projection head's output).
+      teacher_embedding: teacher embedding ``[B, D]``.
+      student_memory: memory of student embeddings ``[N, D]``, one row per training
+        example.
+      teacher_memory: memory of teacher embeddings ``[N, D]``.
+      sample_idx: int ``[B, K + 1]``, column 0 the positive (see
+        :func:`crd_sample_negatives`).
+      temperature: :math:`T > 0`; 0.07 in the paper.
+      normalizers: ``(Z_s, Z_t)`` scalars > 0, or ``None`` for the batch estimate.
+
+    Returns:
+      Per-example loss of shape ``[B]``.
+
+    References:
+      Tian et al., `Contrastive Representation Distillation
+      <https://arxiv.org/abs/1910.10699>`_, ICLR 2020
+    """
+    if normalizers is not None:
+        if len(normalizers) != 2:
+            raise ValueError(
+                f"`normalizers` must be a pair (Z_s, Z_t), got {len(normalizers)} values.")
+        for i, z in enumerate(normalizers):
+            _check_positive(f"normalizers[{i}]", z)
+    scores_s, scores_t, valid, n = _crd_log_scores(
+        student_embedding, teacher_embedding, student_memory, teacher_memory, sample_idx,
+        temperature)
+    if normalizers is None:
+        log_z_s = _crd_log_normalizer(scores_s, n)
+        log_z_t = _crd_log_normalizer(scores_t, n)
+    else:
+        log_z_s, log_z_t = (
+            jax.lax.stop_gradient(jnp.log(jnp.asarray(z, scores_s.dtype)))
+            for z in normalizers)
+    k = scores_s.shape[1] - 1
+    log_noise = math.log(k / n)  # log(K P_n)
+    log_c = math.log(k / n + 1e-7)
+
+    def nce(scores, log_z):
+        log_p = scores - log_z
+        log_d1 = log_p[:, 0] - jnp.logaddexp(log_p[:, 0], log_c)
+        log_d0 = log_noise - jnp.logaddexp(log_p[:, 1:], log_c)
+        return -(log_d1 + jnp.sum(log_d0, axis=1))
+
+    loss = nce(scores_s, log_z_s) + nce(scores_t, log_z_t)
+    return jnp.where(valid, loss, jnp.nan)
+
+
+def crd_memory_update(
+    memory: ArrayLike,
+    embedding: ArrayLike,
+    indices: ArrayLike,
+    *,
+    momentum: float = 0.5,
+) -> jax.Array:
+    r"""CRD memory update: momentum average of the batch rows, renormalised.
+
+    .. math::
+      m_{i_b} \leftarrow \frac{\mu\, m_{i_b} + (1 - \mu) f_b}
+                              {\max(\|\mu\, m_{i_b} + (1 - \mu) f_b\|_2, 10^{-12})}
+
+    for each example :math:`b` at training-set position :math:`i_b`; every other row is
+    unchanged. As in RepDistiller's ``ContrastMemory``, each new row is computed from
+    the *old* row. If an index appears more than once in the batch, the last occurrence
+    wins (RepDistiller's ``index_copy_`` leaves this unspecified); occurrences are not
+    accumulated. Out-of-range indices raise if concrete and are skipped if traced
+    (:func:`crd_nce_loss` then returns NaN for them).
+
+    Call it after the loss, once per memory: the student memory with the student
+    embedding, the teacher memory with the teacher embedding.
+
+    Args:
+      memory: ``[N, D]`` memory (rows unit-norm, apart from the initial random ones).
+      embedding: ``[B, D]`` embeddings of the batch.
+      indices: int ``[B]`` positions of the batch's examples in the training set.
+      momentum: :math:`\mu \in [0, 1]`, the weight of the old row; 0.5 in RepDistiller.
+
+    Returns:
+      The new memory, ``[N, D]``, in `memory`'s dtype (computed in float32 or wider).
+
+    References:
+      Tian et al., `Contrastive Representation Distillation
+      <https://arxiv.org/abs/1910.10699>`_, ICLR 2020
+    """
+    out_dtype = jnp.asarray(memory).dtype
+    m = _as_float("memory", memory)
+    e = _as_float("embedding", embedding)
+    if m.ndim != 2 or e.ndim != 2 or m.shape[1] != e.shape[1]:
+        raise ValueError(
+            f"`memory` must be [N, D] and `embedding` [B, D] with the same D, got shapes "
+            f"{m.shape} and {e.shape}.")
+    idx = _int_array("indices", indices, 1, "example indices")
+    if idx.shape[0] != e.shape[0]:
+        raise ValueError(
+            f"`indices` must have one entry per row of `embedding`, shape ({e.shape[0]},), "
+            f"got {idx.shape}.")
+    _check_unit("momentum", momentum, "it is the weight of the old memory row.")
+    n = m.shape[0]
+    _check_index_range("indices", idx, n)
+    dtype = jnp.promote_types(m.dtype, e.dtype)
+    m, e = m.astype(dtype), e.astype(dtype)
+    old = m[jnp.clip(idx, 0, n - 1)]
+    rows = _l2_normalize(momentum * old + (1.0 - momentum) * e, axis=1)
+    position = jnp.arange(idx.shape[0])
+    repeated_later = (idx[:, None] == idx[None, :]) & (position[None, :] > position[:, None])
+    keep = ~jnp.any(repeated_later, axis=1) & (idx >= 0) & (idx < n)
+    # Row n does not exist: writes sent there are dropped, so each row is written once.
+    target = jnp.where(keep, idx, n)
+    return m.at[target].set(rows, mode="drop").astype(out_dtype)
+
+
+@_nonfinite_propagates
+def vid_loss(
+    student_mean: ArrayLike,
+    teacher_feature: ArrayLike,
+    log_scale: ArrayLike,
+    *,
+    eps: float = 1e-5,
+) -> jax.Array:
+    r"""VID: Gaussian negative log-likelihood of the teacher feature.
+
+    The student's regressor predicts the mean :math:`\mu`; the variance is one learned
+    value per channel, :math:`\sigma^2_c = \mathrm{softplus}(\alpha_c) + \epsilon`:
+
+    .. math::
+      \ell_b = \frac{1}{D} \sum_{i} \frac{1}{2} \left(
+          \frac{(\mu_{b,i} - t_{b,i})^2}{\sigma^2_{c(i)}} + \log \sigma^2_{c(i)} \right)
+
+    where :math:`i` runs over all :math:`D` non-batch entries and :math:`c(i)` is the
+    channel (last axis) of entry :math:`i`. As in RepDistiller's ``VIDLoss`` the
+    constant :math:`\frac{1}{2}\log 2\pi` is dropped and the sum over entries is a mean;
+    the batch mean of :math:`\ell` equals RepDistiller's loss. RepDistiller initialises
+    :math:`\alpha_c = \log(e^{\sigma^2_0 - \epsilon} - 1)` so that
+    :math:`\sigma^2_c = \sigma^2_0 = 5` at the start. Its spatial pooling of the larger
+    map to the smaller one happens before the regressor, so at the call site.
+
+    Args:
+      student_mean: the regressor's output ``[B, ..., C]`` (NHWC maps or ``[B, C]``).
+      teacher_feature: teacher feature of the same shape.
+      log_scale: :math:`\alpha`, the unconstrained variance parameter, shape ``[C]``.
+      eps: :math:`\epsilon > 0`, the variance floor.
+
+    Returns:
+      Per-example loss of shape ``[B]``.
+
+    References:
+      Ahn et al., `Variational Information Distillation for Knowledge Transfer
+      <https://arxiv.org/abs/1904.05835>`_, CVPR 2019
+    """
+    mu, t = _validated(
+        student_mean, teacher_feature, ("student_mean", "teacher_feature"),
+        match="shape", min_ndim=2)
+    alpha = _as_float("log_scale", log_scale)
+    if alpha.shape != t.shape[-1:]:
+        raise ValueError(
+            f"`log_scale` must have shape [C] = {t.shape[-1:]} (one value per channel, the "
+            f"last axis of `teacher_feature`), got {alpha.shape}.")
+    _check_positive("eps", eps)
+    dtype = jnp.promote_types(mu.dtype, alpha.dtype)
+    var = jax.nn.softplus(alpha.astype(dtype)) + eps
+    nll = 0.5 * (jnp.square(mu.astype(dtype) - t.astype(dtype)) / var + jnp.log(var))
+    return jnp.mean(_flatten(nll), axis=-1)
+
+
+@_nonfinite_propagates
+def cc_loss(
+    student_embedding: ArrayLike,
+    teacher_embedding: ArrayLike,
+    *,
+    gamma: float = 0.4,
+    order: int = 2,
+) -> jax.Array:
+    r"""Correlation congruence: match batch correlation matrices under an RBF kernel.
+
+    Rows are L2-normalised, :math:`\hat x = x / \max(\|x\|, 10^{-12})`. For unit vectors
+    the Gaussian RBF kernel is :math:`\exp(-\gamma \|\hat x_i - \hat x_j\|^2) =
+    e^{-2\gamma} e^{2\gamma \langle \hat x_i, \hat x_j \rangle}`; the paper replaces the
+    second factor by its Taylor series of order :math:`P`:
+
+    .. math::
+      C_{ij} = \sum_{p=0}^{P} e^{-2\gamma} \frac{(2\gamma)^p}{p!}
+               \langle \hat x_i, \hat x_j \rangle^p, \qquad
+      \ell = \frac{1}{B^2} \|C^s - C^t\|_F^2
+
+    The reduction, a mean over the :math:`B^2` entries, is the paper's :math:`1/n^2`;
+    the loss relates examples, so it is a scalar. Defaults :math:`\gamma = 0.4`,
+    :math:`P = 2` follow the widely used Knowledge-Distillation-Zoo implementation.
+    RepDistiller's ``Correlation`` loss is a different, simpler variant (from the
+    authors' code): :math:`\frac{1}{B-1} \sum_{b} \langle |f^s_b - f^t_b|,
+    |f^s_{b+1} - f^t_{b+1}| \rangle` over consecutive examples, with no kernel; it is
+    not this function.
+
+    Args:
+      student_embedding: student embedding ``[B, D_s]`` (extra axes are flattened).
+      teacher_embedding: teacher embedding ``[B, D_t]``; sizes may differ.
+      gamma: :math:`\gamma > 0`, the kernel's inverse width.
+      order: :math:`P \ge 0`, the Taylor order (a Python integer).
+
+    Returns:
+      Scalar loss.
+
+    References:
+      Peng et al., `Correlation Congruence for Knowledge Distillation
+      <https://arxiv.org/abs/1904.01802>`_, ICCV 2019
+    """
+    s, t = _validated(
+        student_embedding, teacher_embedding, ("student_embedding", "teacher_embedding"),
+        match="batch", min_ndim=2)
+    _check_positive("gamma", gamma)
+    order = _check_count("order", order, minimum=0)
+    batch = s.shape[0]
+
+    def correlation(x):
+        x = _l2_normalize(_flatten(x), axis=1)
+        sim = x @ x.T
+        # Horner's rule over the truncated series of exp(2 gamma sim).
+        out = jnp.zeros_like(sim)
+        for p in range(order, -1, -1):
+            out = out * sim + (2.0 * gamma) ** p / math.factorial(p)
+        return jnp.exp(-2.0 * gamma) * out
+
+    return jnp.sum(jnp.square(correlation(s) - correlation(t))) / batch**2
+
+
+def _adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``[size_out, size_in]`` averaging weights of PyTorch's adaptive average pooling:
+    bin ``i`` covers ``[floor(i n / m), ceil((i + 1) n / m))`` (bins overlap if m does not
+    divide n)."""
+    weights = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
+
+
+def hcl_loss(
+    student_features: list[ArrayLike] | tuple[ArrayLike, ...],
+    teacher_features: list[ArrayLike] | tuple[ArrayLike, ...],
+) -> jax.Array:
+    r"""ReviewKD's hierarchical context loss, summed over pairs of feature maps.
+
+    For one pair of NHWC maps of height :math:`H`, with :math:`\mathrm{pool}_l` adaptive
+    average pooling to :math:`l \times l` (PyTorch's bins) and the levels
+    :math:`l_1 > l_2 > \dots` those of 4, 2, 1 smaller than :math:`H`:
+
+    .. math::
+      \ell_b = \frac{\mathrm{mse}_b(f^s, f^t) + \sum_{k \ge 1} 2^{-k}\,
+               \mathrm{mse}_b(\mathrm{pool}_{l_k} f^s, \mathrm{pool}_{l_k} f^t)}
+               {1 + \sum_{k \ge 1} 2^{-k}}
+
+    where :math:`\mathrm{mse}_b` is the mean squared difference over example :math:`b`'s
+    entries; the result is the sum of :math:`\ell_b` over pairs. For an 8×8 map the
+    weights are 1, 1/2, 1/4, 1/8 over sizes 8, 4, 2, 1; a 1×1 map has no pooled levels.
+    Levels depend on :math:`H` only, as in mdistiller's ``hcl_loss`` (maps are square
+    there); the batch mean equals mdistiller's loss. The attention-based fusion that
+    produces the student maps is a separate module.
+
+    Args:
+      student_features: NHWC maps ``[B, H_i, W_i, C_i]``, one per stage, already fused
+        and mapped to the teacher's shapes.
+      teacher_features: teacher maps; pair ``i`` must have the student's shape.
+
+    Returns:
+      Per-example loss of shape ``[B]``.
+
+    References:
+      Chen et al., `Distilling Knowledge via Knowledge Review
+      <https://arxiv.org/abs/2104.09044>`_, CVPR 2021
+    """
+    for name, maps in (("student_features", student_features),
+                       ("teacher_features", teacher_features)):
+        if not isinstance(maps, (list, tuple)) or not maps:
+            raise ValueError(
+                f"`{name}` must be a non-empty list of NHWC maps, got {type(maps).__name__}; "
+                "wrap a single map as `[feature]`.")
+    if len(student_features) != len(teacher_features):
+        raise ValueError(
+            f"`student_features` and `teacher_features` must have the same number of maps, "
+            f"got {len(student_features)} and {len(teacher_features)}.")
+    pairs = []
+    for i, (fs, ft) in enumerate(zip(student_features, teacher_features)):
+        s, t = _validated(
+            fs, ft, (f"student_features[{i}]", f"teacher_features[{i}]"),
+            match="shape", ndim=4)
+        if pairs and s.shape[0] != pairs[0][0].shape[0]:
+            raise ValueError(
+                f"`student_features[{i}]` must have the batch size {pairs[0][0].shape[0]} of "
+                f"the first map, got shape {s.shape}.")
+        pairs.append((s, t))
+    total = None
+    for s, t in pairs:
+        diff = s - t  # pooling is linear: pool(s) - pool(t) == pool(s - t)
+        height, width = s.shape[1:3]
+        loss = jnp.mean(jnp.square(diff), axis=(1, 2, 3))
+        weight, weight_sum = 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= height:
+                continue
+            weight /= 2.0
+            rows = jnp.asarray(_adaptive_pool_matrix(height, size), diff.dtype)
+            cols = jnp.asarray(_adaptive_pool_matrix(width, size), diff.dtype)
+            pooled = jnp.einsum("ih,jw,bhwc->bijc", rows, cols, diff)
+            loss = loss + weight * jnp.mean(jnp.square(pooled), axis=(1, 2, 3))
+            weight_sum += weight
+        loss = loss / weight_sum
+        total = loss if total is None else total + loss
+    return total
