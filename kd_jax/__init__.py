@@ -4,7 +4,7 @@ Modules (imports flow one way: loop -> train -> objectives -> losses/models; dat
 and checkpoint stand alone):
 
 - :mod:`kd_jax.losses` — pure, jittable distillation losses (Hinton KD, DKD, DIST, FitNets,
-  AT, SP, RKD, PKT, LS-KD, NST).
+  AT, SP, RKD, PKT, LS-KD, NST, CRD's NCE loss and memory bank, VID, CC, ReviewKD's HCL).
 - :mod:`kd_jax.models` — Flax CIFAR ResNets, wide ResNets, ResNet-18/34 and more, with
   features.
 - :mod:`kd_jax.data` — TFDS CIFAR-10/100 arrays, a cached decode, on-device augmentation,
@@ -14,7 +14,9 @@ and checkpoint stand alone):
   evaluation steps (K students per step).
 - :mod:`kd_jax.loop` — the epoch loop with logging, checkpoints and exact resume.
 - :mod:`kd_jax.parallel` — the ``("data",)`` mesh, shardings, multi-host start-up.
-- :mod:`kd_jax.checkpoint` — Orbax checkpoints.
+- :mod:`kd_jax.checkpoint` — Orbax checkpoints with recorded digests.
+- :mod:`kd_jax.pretrained` — the shipped published CIFAR teachers and their preprocessing.
+- :mod:`kd_jax.convert` — PyTorch CIFAR ResNet checkpoints to kd_jax (needs ``[torch]``).
 
 Submodules and the names below are imported on first use (PEP 562), so ``import
 kd_jax.losses`` costs only JAX, not TFDS, Orbax or Flax.
@@ -26,12 +28,20 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _SUBMODULES = frozenset(
-    ["checkpoint", "data", "losses", "loop", "models", "objectives", "parallel", "train"]
+    ["checkpoint", "convert", "data", "losses", "loop", "models", "objectives", "parallel",
+     "pretrained", "train"]
 )
 # Re-exported name -> the submodule that defines it.
 _EXPORTS = {
     **{name: "losses" for name in [
         "attention_transfer_loss",
+        "cc_loss",
+        "crd_memory_update",
+        "crd_nce_loss",
+        "crd_normalizers",
+        "crd_sample_negatives",
+        "hcl_loss",
+        "vid_loss",
         "distillation_loss",
         "dist_loss",
         "dkd_loss",
@@ -61,7 +71,15 @@ __all__ = [
     "OptimConfig",
     "TrainState",
     "attention_transfer_loss",
+    "cc_loss",
+    "crd_memory_update",
+    "crd_nce_loss",
+    "crd_normalizers",
+    "crd_sample_negatives",
+    "hcl_loss",
+    "vid_loss",
     "checkpoint",
+    "convert",
     "data",
     "distill_step",
     "distillation_loss",
@@ -77,6 +95,7 @@ __all__ = [
     "objectives",
     "parallel",
     "pkt_loss",
+    "pretrained",
     "rkd_loss",
     "similarity_preserving_loss",
     "soft_target_cross_entropy",
@@ -103,9 +122,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # Eager imports for type checkers and IDEs only.
-    from kd_jax import checkpoint, data, loop, losses, models, objectives, parallel, train
+    from kd_jax import (checkpoint, convert, data, loop, losses, models, objectives, parallel,
+                        pretrained, train)
     from kd_jax.losses import (
         attention_transfer_loss,
+        cc_loss,
+        crd_memory_update,
+        crd_nce_loss,
+        crd_normalizers,
+        crd_sample_negatives,
+        hcl_loss,
+        vid_loss,
         dist_loss,
         distillation_loss,
         dkd_loss,
