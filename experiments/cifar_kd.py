@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any
@@ -562,6 +563,7 @@ class Logger:
                 pass  # the [tensorboard] extra is optional
 
     def metrics(self, record: dict) -> None:
+        check_interrupted()  # called every log interval: a swallowed Ctrl-C still stops here
         if self.enabled:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -1073,11 +1075,53 @@ def all_done(config, args) -> dict | None:
     return stored
 
 
+_INTERRUPTED: list[int] = []
+
+
+def _on_sigint(signum, frame) -> None:
+    # Python raises KeyboardInterrupt wherever the main thread is; inside a callback that
+    # swallows exceptions (JAX's gc callback prints "Exception ignored in ...") it is lost.
+    # The flag is not: the logger and the end of the run check it.
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _unraisable(hook):
+    def quiet(unraisable) -> None:  # the swallowed Ctrl-C is flagged: no traceback for it
+        if not (_INTERRUPTED and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            hook(unraisable)
+    return quiet
+
+
+def check_interrupted() -> None:
+    """Raises KeyboardInterrupt if Ctrl-C arrived, even where its exception was swallowed."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     config, args = parse_args(argv)
     args.workdir_resolved = args.workdir
+    _INTERRUPTED.clear()
+    previous_handler, previous_hook = None, sys.unraisablehook
     try:
-        return _main(config, args)
+        previous_handler = signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unraisable(previous_hook)
+    except ValueError:
+        pass  # not the main thread (main() called from a thread): Python's default handling
+    try:
+        return _main_checked(config, args)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        sys.unraisablehook = previous_hook
+
+
+def _main_checked(config, args) -> int:
+    try:
+        status = _main(config, args)
+        check_interrupted()
+        return status
     except UsageError as err:
         print(f"cifar_kd.py: error: {err}", file=sys.stderr)
         return 2

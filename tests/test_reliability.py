@@ -131,6 +131,24 @@ def test_ctrl_c_is_one_line(tmp_path):
     assert "interrupted; rerun the same command to resume" in _one_line(err)
 
 
+def test_ctrl_c_swallowed_by_a_callback_still_stops_the_run(monkeypatch, capsys):
+    # JAX's gc callback swallows a KeyboardInterrupt raised inside it ("Exception ignored
+    # in: <function _xla_gc_callback ...>"); the run must still end with status 130.
+    def swallowing_main(config, args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+    monkeypatch.setattr(cifar_kd, "_main", swallowing_main)
+    before = signal.getsignal(signal.SIGINT)
+    assert cifar_kd.main(["--preset", "smoke"]) == 130
+    assert "interrupted; rerun the same command" in _one_line(capsys.readouterr().err)
+    assert signal.getsignal(signal.SIGINT) is before  # restored for the caller
+
+
 # ------------------------------------------------------------------------ stuck runs
 
 def test_truncated_results_files_are_recomputed(smoke_run, tmp_path, capsys):
