@@ -31,7 +31,9 @@ from typing import Any
 # Runs from a checkout without installation too.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHOD_NAMES = ("none", "kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt")
+# kd_jax.objectives.METHODS, spelled out so that --help needs no JAX (a test keeps them equal).
+METHOD_NAMES = ("none", "kd", "dkd", "dist", "lskd", "fitnet", "at", "nst", "sp", "rkd", "pkt",
+                "vid", "cc", "crd", "reviewkd")
 
 
 class UsageError(Exception):
@@ -88,6 +90,10 @@ class ObjectiveConfig:
                                            "(default: each method's, 4)")
     alpha: float | None = _opt(None, "KD: weight of the distillation term, CE gets 1-alpha "
                                      "(default 0.9)")
+    terms: tuple[str, ...] = _opt(
+        (), "term overrides TERM.KEY=VALUE, comma list, applied to every method with that term "
+            "(KEY: weight, warmup_epochs or the term's argument), e.g. kd.temperature=5,"
+            "crd.num_negatives=4096", flag="term")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +184,7 @@ def _coerce(name: str, value):
                                                        else value))
         except (TypeError, ValueError) as err:
             raise UsageError(f"seeds_per_method must be method=N pairs, got {value!r}.") from err
-    if name == "methods" and isinstance(value, str):
+    if name in ("methods", "terms") and isinstance(value, str):
         return tuple(m.strip() for m in value.split(",") if m.strip())
     if name == "milestones" and isinstance(value, str):
         try:
@@ -346,6 +352,7 @@ def validate(config: ExperimentConfig, args) -> None:
     if unknown or not config.objective.methods:
         raise UsageError(f"unknown method {', '.join(unknown) or '(empty)'}; --method takes a "
                          f"comma list of {', '.join(METHOD_NAMES)}.")
+    _validate_terms(config)
     for name in ("epochs", "batch_size", "seeds", "max_parallel_students", "log_every",
                  "lr_batch_size", "eval_batch_size"):
         if settings[name] < 1:
@@ -382,6 +389,27 @@ def validate(config: ExperimentConfig, args) -> None:
                          f"{', '.join(METHOD_NAMES)} with at least 1 seed each.")
     if config.run.student_shortcut is not None and not config.run.student.startswith("resnet"):
         raise UsageError(f"--student-shortcut applies to ResNet students, not {config.run.student}.")
+
+
+def _validate_terms(config: ExperimentConfig) -> None:
+    """Every --term override parses, names a term of some chosen method and gives it valid
+    values; every method's objective builds."""
+    from kd_jax import objectives
+    methods = list(dict.fromkeys(("none",) + tuple(config.objective.methods)))
+    present = {t.name for m in methods for t in objectives.METHODS[m].terms}
+    for assignment in config.objective.terms:
+        try:
+            name, _, _ = objectives.parse_override(assignment)
+        except ValueError as err:
+            raise UsageError(f"--term: {err}") from err
+        if name not in present:
+            raise UsageError(f"--term {assignment}: no chosen method has a {name!r} term; the "
+                             f"terms of {', '.join(methods)} are {', '.join(sorted(present))}.")
+    for m in methods:
+        try:
+            student_objective(m, config)
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"--term for method {m}: {str(err).strip(chr(34))}") from err
 
 
 def ensure_writable(path: str) -> None:
@@ -502,16 +530,26 @@ def split_passes(jobs: list, cap: int) -> list[list]:
 
 
 def student_objective(method: str, c: ExperimentConfig):
+    """The objective of ``method`` (a preset of ``kd_jax.objectives.METHODS``) under ``c``:
+    --temperature for every logit term with a temperature, --alpha as KD's weight (CE gets
+    1 - alpha), warm-ups scaled to the run (mdistiller's 20 of 240 epochs keeps its share in
+    shorter runs), then the --term overrides of the terms it has."""
     from kd_jax import objectives
-    over = {}
-    if c.objective.temperature is not None and method in ("kd", "dkd", "dist"):
-        over["temperature"] = c.objective.temperature
+    obj = objectives.METHODS[method]
+    names = {t.name for t in obj.terms}
+    if c.objective.temperature is not None:
+        for name in ("kd", "dkd", "dist", "lskd"):
+            if name in names:
+                obj = obj.replace_term(name, temperature=c.objective.temperature)
     if c.objective.alpha is not None and method == "kd":
-        over["alpha"] = c.objective.alpha
-    if method == "dkd":
-        # mdistiller warms DKD up over 20 of 240 epochs; keep that share for shorter runs.
-        over["dkd_warmup_epochs"] = min(20.0, c.schedule.epochs / 12)
-    return objectives.from_method(method, **over)
+        obj = obj.replace_term("ce", weight=1.0 - c.objective.alpha)
+        obj = obj.replace_term("kd", weight=c.objective.alpha)
+    for t in obj.terms:
+        if t.warmup_epochs > 0:
+            obj = obj.replace_term(t.name, warmup_epochs=min(
+                t.warmup_epochs, t.warmup_epochs * c.schedule.epochs / 240))
+    mine = [a for a in c.objective.terms if objectives.parse_override(a)[0] in names]
+    return obj.override(*mine)
 
 
 class TensorBoard:
@@ -846,11 +884,15 @@ class Run:
             objs = [student_objective(m, c) for m, _ in group]
             teacher = self.teacher_model
             states = []
+            train_labels = self.data[1]
             for (method, seed), obj in zip(group, objs):
                 model = objectives.prepare_student(
                     self.model(c.run.student, shortcut=c.run.student_shortcut), obj, teacher)
+                aux_state = objectives.init_state(obj, num_examples=len(train_labels),
+                                                  train_labels=train_labels, seed=seed)
                 states.append(train.create_train_state(model, tx, init_seed=seed,
-                                                       data_seed=c.run.seed))
+                                                       data_seed=c.run.seed,
+                                                       aux_state=aux_state))
             states = loop.replicate(tuple(states), self.mesh)
             if any(o.needs_teacher for o in objs):
                 # The frozen teacher runs with its BatchNorm folded into its convolutions.
@@ -919,7 +961,9 @@ class Run:
                     f"[{phase} {record['student']}] epoch {record['epoch']} "
                     f"loss {record['train_loss']:.4f} train_acc {record['train_accuracy']:.4f} "
                     f"test_acc {record['test_accuracy']:.4f} "
-                    f"{record['images_per_s']:.0f} img/s {record['epoch_time_s']:.1f}s")
+                    f"{record['images_per_s']:.0f} img/s {record['epoch_time_s']:.1f}s"
+                    + (" (" + ", ".join(f"{t} {v:.4g}" for t, v in record["terms"].items())
+                       + ")" if len(record.get("terms", {})) > 1 else ""))
         return log
 
 
@@ -998,7 +1042,7 @@ def summarise(config: ExperimentConfig, teacher: dict, students: list[dict]) -> 
                      for s in students],
         "config": dataclasses.asdict(config),
         # Each method's objective with the values in effect (presets and overrides resolved).
-        "objectives": {m: dataclasses.asdict(student_objective(m, config))
+        "objectives": {m: student_objective(m, config).as_dict()
                        for m in dict.fromkeys(m for m, _ in student_jobs(config))},
     }
 

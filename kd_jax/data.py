@@ -564,8 +564,9 @@ class TrainLoader:
 
     ``epoch(e, start_step=k)`` yields batches ``k, k+1, ...`` of epoch ``e``; batch ``b``
     holds examples ``perm[b*B:(b+1)*B]`` with ``perm = epoch_permutation(seed, e, N)``, as
-    ``{"image": uint8[B, 32, 32, 3], "label": int32[B]}`` global arrays sharded
-    ``P("data")``. The last partial batch of an epoch is dropped.
+    ``{"image": uint8[B, 32, 32, 3], "label": int32[B], "index": int32[B]}`` global arrays
+    sharded ``P("data")``; ``index`` is each example's position in ``images`` (CRD's memory
+    bank is indexed by it). The last partial batch of an epoch is dropped.
 
     Two modes give identical batches. Device-resident (default in a single process when
     images and labels take at most ``max_device_bytes``): the split is copied once to every
@@ -640,7 +641,7 @@ class TrainLoader:
             idx = self._batch_indices(perm, step).astype(np.int32)
             idx = _global_array(self._sharding, idx, (self.batch_size,))
             images, labels = self._gather(self._images, self._labels, idx)
-            yield {"image": images, "label": labels}
+            yield {"image": images, "label": labels, "index": idx}
 
     def _host_batches(self, perm, start_step):
         image_shape = (self.batch_size, *self._images.shape[1:])
@@ -649,6 +650,7 @@ class TrainLoader:
             yield {
                 "image": _global_array(self._sharding, self._images[idx], image_shape),
                 "label": _global_array(self._sharding, self._labels[idx], (self.batch_size,)),
+                "index": _global_array(self._sharding, idx.astype(np.int32), (self.batch_size,)),
             }
 
 

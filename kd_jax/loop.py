@@ -143,7 +143,8 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
     """Trains ``states`` (K of them, stepped together by ``step_fn``) for ``epochs`` epochs.
 
     ``step_fn(states, batch) -> (states, metrics)`` with ``metrics["loss"|"accuracy"]`` of
-    shape ``[K]``; ``loader.epoch(e, start_step)`` yields the batches of epoch ``e``;
+    shape ``[K]`` (and optionally ``metrics["terms"]``, one dict of loss parts per student,
+    logged as each record's ``"terms"``); ``loader.epoch(e, start_step)`` yields the batches of epoch ``e``;
     ``evaluate(states)`` returns one ``{"test_accuracy", ...}`` per state. With a
     ``checkpointer`` the run resumes from its newest readable checkpoint and skips when
     already finished. ``log_fn`` receives one record per log interval and per epoch.
@@ -170,6 +171,7 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
         for epoch in range(start // steps_per_epoch, epochs):
             t_epoch = time.perf_counter()
             pending, sums, seen = [], np.zeros((2, k)), 0
+            term_sums = [{} for _ in range(k)]
             t_interval, interval_start = time.perf_counter(), step
             batches = loader.epoch(epoch, start_step=step - epoch * steps_per_epoch)
             for batch in batches:
@@ -186,6 +188,10 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                 _check_finite(losses, step - len(fetched), names, checkpointer)
                 sums += [losses.sum(0), accs.sum(0)]
                 seen += len(fetched)
+                terms = _interval_terms(fetched, k)
+                for i in range(k):
+                    for name, value in terms[i].items():
+                        term_sums[i][name] = term_sums[i].get(name, 0.0) + value * len(fetched)
                 now = time.perf_counter()
                 rate = (step - interval_start) * loader.batch_size / max(now - t_interval, 1e-9)
                 t_interval, interval_start, pending = now, step, []
@@ -194,9 +200,13 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                     log({"kind": "step", "phase": phase, "student": name, "epoch": epoch + 1,
                          "step": step, "loss": float(losses[:, i].mean()),
                          "accuracy": float(accs[:, i].mean()), "lr": lr,
-                         "images_per_s": rate})
+                         "images_per_s": rate, **({"terms": terms[i]} if terms[i] else {})})
                 # Each student's own loss: their objectives differ, a mean would mix them.
-                per_student = " ".join(f"{n} {v:.3f}" for n, v in zip(names, losses.mean(0)))
+                # With more than one term, its parts follow in brackets.
+                per_student = " ".join(
+                    f"{n} {v:.3f}" + (" [" + " ".join(f"{t} {x:.3g}" for t, x in terms[i].items())
+                                      + "]" if len(terms[i]) > 1 else "")
+                    for i, (n, v) in enumerate(zip(names, losses.mean(0))))
                 bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} {rate:.0f} img/s loss "
                                     f"{per_student}")
             epoch_time = time.perf_counter() - t_epoch
@@ -212,6 +222,8 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                           "train_accuracy": float(sums[1, i] / max(seen, 1)),
                           **results[i], "epoch_time_s": epoch_time,
                           "images_per_s": seen * loader.batch_size / epoch_time}
+                if term_sums[i]:
+                    record["terms"] = {t: v / max(seen, 1) for t, v in term_sums[i].items()}
                 history[i].append(record)
                 log(record)
             if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
@@ -224,6 +236,16 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
         bar.close()
     return FitResult(states=states, history=history, train_time_s=train_time,
                      resumed_from_step=resumed_from)
+
+
+def _interval_terms(fetched: list[dict], k: int) -> list[dict[str, float]]:
+    """Each student's mean of every term over the fetched steps (``{}`` without terms)."""
+    out = []
+    for i in range(k):
+        per_step = [m["terms"][i] for m in fetched if "terms" in m]
+        names = per_step[0].keys() if per_step else ()
+        out.append({t: float(np.mean([p[t] for p in per_step])) for t in names})
+    return out
 
 
 def _check_finite(losses: np.ndarray, first_step: int, names, checkpointer) -> None:

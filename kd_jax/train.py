@@ -25,7 +25,7 @@ import optax
 from flax.training import train_state
 
 from kd_jax import data
-from kd_jax.objectives import Objective, cross_entropy, objective_loss
+from kd_jax.objectives import Objective, cross_entropy, evaluate_objective
 
 __all__ = [
     "OptimConfig",
@@ -126,15 +126,20 @@ class TrainState(train_state.TrainState):
 
     ``rng`` is the raw ``uint32[2]`` key of the data stream: augmentation at step ``s`` uses
     ``fold_in(rng, s)``. Students trained together share it (one view for all).
+    ``aux_state`` is the objective's non-trainable state (``{term: pytree}``, e.g. CRD's
+    memory bank; :func:`kd_jax.objectives.init_state`): donated, checkpointed and resumed with
+    the rest.
     """
 
     batch_stats: Any = None
     rng: jax.Array | None = None
+    aux_state: Any = None
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *,
-                       init_seed: int, data_seed: int) -> TrainState:
-    """Initialises ``model`` from ``init_seed``; the augmentation stream comes from ``data_seed``."""
+                       init_seed: int, data_seed: int, aux_state: Any = None) -> TrainState:
+    """Initialises ``model`` from ``init_seed``; the augmentation stream comes from ``data_seed``;
+    ``aux_state`` is the objective's state (:func:`kd_jax.objectives.init_state`)."""
     # return_features=True so auxiliary modules on the feature path (regressors) exist too.
     variables = model.init(jax.random.PRNGKey(init_seed),
                            jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False,
@@ -145,6 +150,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *,
         batch_stats=variables.get("batch_stats", {}),
         tx=tx,
         rng=jax.random.PRNGKey(data_seed),
+        aux_state=aux_state,
     )
 
 
@@ -233,27 +239,41 @@ def _as_teachers(teacher_apply, teacher_variables, teacher_preprocess=None):
 
 
 def _student_update(state: TrainState, objective: Objective, images, labels, t_logits,
-                    t_features, progress) -> tuple[TrainState, jax.Array, jax.Array]:
-    """One student's SGD step on ``objective`` given the teacher's outputs."""
+                    t_features, progress, index=None, key=None):
+    """One student's SGD step on ``objective`` given the teacher's outputs; returns the new
+    state, the loss, the accuracy and each term's part of the loss."""
 
     def loss_fn(params):
-        if objective.needs_features:
+        variables = _variables(state, params)
+        heads = None
+        if objective.has_heads:
+            (logits, features, heads), updates = state.apply_fn(
+                variables, images, train=True, return_features=True,
+                teacher_features=t_features, mutable=["batch_stats"])
+        elif objective.needs_features:
             (logits, features), updates = state.apply_fn(
-                _variables(state, params), images, train=True, return_features=True,
-                mutable=["batch_stats"])
+                variables, images, train=True, return_features=True, mutable=["batch_stats"])
         else:
-            logits, updates = state.apply_fn(_variables(state, params), images, train=True,
+            logits, updates = state.apply_fn(variables, images, train=True,
                                               mutable=["batch_stats"])
             features = None
-        loss = objective_loss(objective, student_logits=logits, student_features=features,
-                              teacher_logits=t_logits, teacher_features=t_features,
-                              labels=labels, epoch=progress)
-        return loss, (logits, updates["batch_stats"])
+        loss, parts, aux_state = evaluate_objective(
+            objective, student_logits=logits, labels=labels, epoch=progress,
+            teacher_logits=t_logits, student_features=features, teacher_features=t_features,
+            heads=heads, state=state.aux_state, index=index, key=key)
+        return loss, (logits, updates["batch_stats"], parts, aux_state)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    return (state.apply_gradients(grads=grads, batch_stats=batch_stats), loss,
-            _accuracy(logits, labels))
+    (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if aux_state is not None:
+        state = state.replace(aux_state=jax.lax.stop_gradient(aux_state))
+    return state, loss, _accuracy(logits, labels), parts
+
+
+def _term_key(state: TrainState) -> jax.Array:
+    """The step's key for the terms' sampling (CRD's negatives), apart from augmentation's."""
+    return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
 
 
 def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
@@ -277,7 +297,8 @@ def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
     teacher with its own normalisation (:mod:`kd_jax.pretrained`) sees the same view as the
     students, normalised its own way.
 
-    Returns the K new states and metrics ``{"loss", "accuracy"}`` of shape ``[K]``.
+    Returns the K new states and metrics ``{"loss", "accuracy"}`` of shape ``[K]`` plus
+    ``"terms"``, one dict per student of its terms' weighted parts of the loss.
     """
     if len(states) != len(objectives):
         raise ValueError(f"got {len(states)} student states and {len(objectives)} "
@@ -292,15 +313,19 @@ def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
                                            with_features=with_features, pixels=pixels,
                                            preprocess=preps)
     progress = (states[0].step + 1).astype(jnp.float32) / steps_per_epoch
+    key = _term_key(states[0])
 
-    new_states, losses, accuracies = [], [], []
+    new_states, losses, accuracies, terms = [], [], [], []
     for state, objective in zip(states, objectives):
-        state, loss, accuracy = _student_update(state, objective, images, labels, t_logits,
-                                                t_features, progress)
+        state, loss, accuracy, parts = _student_update(
+            state, objective, images, labels, t_logits, t_features, progress,
+            index=batch.get("index"), key=key)
         new_states.append(state)
         losses.append(loss)
         accuracies.append(accuracy)
-    metrics = {"loss": jnp.stack(losses), "accuracy": jnp.stack(accuracies)}
+        terms.append(parts)
+    metrics = {"loss": jnp.stack(losses), "accuracy": jnp.stack(accuracies),
+               "terms": tuple(terms)}
     return tuple(new_states), metrics
 
 
@@ -310,7 +335,7 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
     The static fields (``apply_fn``, ``tx``) are taken from the first state.
     """
     stacked = {field: jax.tree.map(lambda *x: jnp.stack(x), *[getattr(s, field) for s in states])
-               for field in ("step", "params", "opt_state", "batch_stats", "rng")}
+               for field in ("step", "params", "opt_state", "batch_stats", "rng", "aux_state")}
     return states[0].replace(**stacked)
 
 
@@ -344,13 +369,16 @@ def distill_step_vmap(stacked: TrainState, teacher_variables: Any,
                                            with_features=objective.needs_features,
                                            pixels=pixels, preprocess=preps)
     progress = (first.step + 1).astype(jnp.float32) / steps_per_epoch
+    key = _term_key(first)
 
     def one(state):
         return _student_update(state, objective, images, labels, t_logits, t_features,
-                               progress)
+                               progress, index=batch.get("index"), key=key)
 
-    new, losses, accuracies = jax.vmap(one)(stacked)
-    return new, {"loss": losses, "accuracy": accuracies}
+    new, losses, accuracies, parts = jax.vmap(one)(stacked)
+    k = losses.shape[0]
+    terms = tuple({name: v[i] for name, v in parts.items()} for i in range(k))
+    return new, {"loss": losses, "accuracy": accuracies, "terms": terms}
 
 
 def distill_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax.Array], *,
@@ -365,13 +393,14 @@ def distill_step(state: TrainState, teacher_variables: Any, batch: dict[str, jax
     the step into the epoch count that warm-ups (DKD) use. ``teacher_preprocess`` gives a
     teacher its own input normalisation (see :func:`distill_step_many`; pass
     ``kd_jax.pretrained.load(...).preprocess`` for a shipped teacher). Returns the new state and
-    ``{"loss", "accuracy"}`` scalars.
+    ``{"loss", "accuracy"}`` scalars plus ``"terms"``, each term's weighted part of the loss.
     """
     states, metrics = distill_step_many(
         (state,), teacher_variables, batch, objectives=(objective,),
         teacher_apply=teacher_apply, dataset=dataset, steps_per_epoch=steps_per_epoch,
         teacher_preprocess=teacher_preprocess)
-    return states[0], jax.tree.map(lambda m: m[0], metrics)
+    return states[0], {"loss": metrics["loss"][0], "accuracy": metrics["accuracy"][0],
+                       "terms": metrics["terms"][0]}
 
 
 def eval_step(variables: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,

@@ -74,7 +74,7 @@ result = loop.fit(loop.replicate((state,), mesh),
                   checkpointer=ckpt("teacher"), progress=False, log_every=1)
 tvars = {"params": result.states[0].params, "batch_stats": result.states[0].batch_stats}
 
-objs = [objectives.from_method("kd"), objectives.from_method("fitnet", hint_weight=10.0)]
+objs = [objectives.from_method("kd"), objectives.from_method("fitnet", "fitnet.weight=10")]
 states = []
 for seed, obj in enumerate(objs, start=1):
     model = objectives.prepare_student(TinyNet(width=4), obj, teacher)
