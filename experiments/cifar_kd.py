@@ -348,11 +348,11 @@ def validate(config: ExperimentConfig, args) -> None:
         if arch not in models.available():
             raise UsageError(f"unknown {role} architecture {arch!r}; choose from "
                              f"{', '.join(models.available())}.")
-    unknown = [m for m in config.objective.methods if m not in METHOD_NAMES]
+    from kd_jax import objectives  # its METHODS: the presets plus any a --config file registered
+    unknown = [m for m in config.objective.methods if m not in objectives.METHODS]
     if unknown or not config.objective.methods:
         raise UsageError(f"unknown method {', '.join(unknown) or '(empty)'}; --method takes a "
-                         f"comma list of {', '.join(METHOD_NAMES)}.")
-    _validate_terms(config)
+                         f"comma list of {', '.join(objectives.METHODS)}.")
     for name in ("epochs", "batch_size", "seeds", "max_parallel_students", "log_every",
                  "lr_batch_size", "eval_batch_size"):
         if settings[name] < 1:
@@ -383,12 +383,13 @@ def validate(config: ExperimentConfig, args) -> None:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (omit it for the "
                              f"whole split), got {value}.")
-    unknown = [m for m, _ in config.run.seeds_per_method if m not in METHOD_NAMES]
+    unknown = [m for m, _ in config.run.seeds_per_method if m not in objectives.METHODS]
     if unknown or any(n < 1 for _, n in config.run.seeds_per_method):
         raise UsageError(f"seeds_per_method {config.run.seeds_per_method} must name methods of "
-                         f"{', '.join(METHOD_NAMES)} with at least 1 seed each.")
+                         f"{', '.join(objectives.METHODS)} with at least 1 seed each.")
     if config.run.student_shortcut is not None and not config.run.student.startswith("resnet"):
         raise UsageError(f"--student-shortcut applies to ResNet students, not {config.run.student}.")
+    _validate_terms(config)
 
 
 def _validate_terms(config: ExperimentConfig) -> None:
@@ -409,7 +410,8 @@ def _validate_terms(config: ExperimentConfig) -> None:
         try:
             student_objective(m, config)
         except (ValueError, KeyError) as err:
-            raise UsageError(f"--term for method {m}: {str(err).strip(chr(34))}") from err
+            raise UsageError(f"method {m} with --term {','.join(config.objective.terms)}: "
+                             f"{str(err).strip(chr(34))}") from err
 
 
 def ensure_writable(path: str) -> None:

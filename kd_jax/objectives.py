@@ -29,7 +29,7 @@ cross-entropy with the labels:
 ``rkd``       CE + RKD (distance 25, angle 50) on the pooled embedding (Park et al. 2019)
 ``pkt``       CE + 30000·PKT on the pooled embedding (Passalis & Tefas 2018)
 ``vid``       CE + Σ_stages VID, regressors and per-channel variances (Ahn et al. 2019)
-``cc``        CE + 0.02·CC on 128-d embeddings (Peng et al. 2019)
+``cc``        CE + 100·CC, RBF kernel (γ=0.4, order 2) on the pooled embedding (Peng et al. 2019)
 ``crd``       CE + 0.8·CRD, 128-d heads, 16,384 negatives, T=0.07 (Tian et al. 2020)
 ``reviewkd``  CE + min(epoch/20, 1)·HCL through ABF fusion (Chen et al. 2021)
 ============  ==================================================================
@@ -74,6 +74,32 @@ def _hashable(value):
     return value
 
 
+# Arguments that must be > 0, and in [0, 1], whichever term has them; every numeric argument
+# must be a finite number of its default's kind, every other one of its default's type.
+_POSITIVE = frozenset({"temperature", "gamma", "eps", "init_var", "dim", "num_negatives", "p",
+                       "max_mid_channels"})
+_UNIT = frozenset({"momentum"})
+
+
+def _check_argument(term: str, key: str, value, default) -> None:
+    where = f"term {term!r}: {key}"
+    if isinstance(default, bool) or not isinstance(default, int | float):
+        if not isinstance(value, type(default)):
+            raise ValueError(f"{where} must be a {type(default).__name__} like its default "
+                             f"{default!r}, got {value!r}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}.")
+    if isinstance(default, int) and not isinstance(value, int):
+        raise ValueError(f"{where} must be an integer, got {value!r}.")
+    if key in _POSITIVE and value <= 0:
+        raise ValueError(f"{where} must be > 0, got {value}.")
+    if key in _UNIT and not 0 <= value <= 1:
+        raise ValueError(f"{where} must be in [0, 1], got {value}.")
+    if value < 0:
+        raise ValueError(f"{where} must be >= 0, got {value}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Term:
     """One weighted part of an objective: ``weight · warm(epoch) · name(**kwargs)``.
@@ -110,6 +136,7 @@ class Term:
             if isinstance(spec.defaults[k], float) and isinstance(v, int) and \
                     not isinstance(v, bool):
                 kwargs[k] = float(v)
+            _check_argument(self.name, k, kwargs[k], spec.defaults[k])
         object.__setattr__(self, "kwargs", tuple(sorted(_hashable(kwargs))))
         object.__setattr__(self, "weight", float(self.weight))
         object.__setattr__(self, "warmup_epochs", float(self.warmup_epochs))
@@ -541,8 +568,12 @@ def _vid(x: TermInputs, *, init_var, eps):
     return total
 
 
-def _cc(x: TermInputs, *, dim, gamma, order):
-    return losses.cc_loss(x.head["student"], x.head["teacher"], gamma=gamma, order=order)
+def _cc(x: TermInputs, *, gamma, order):
+    # On the pooled embeddings themselves, as the Knowledge-Distillation-Zoo implementation
+    # whose kernel, gamma, order and weight (100) we follow: trainable heads on both sides
+    # could make the two correlation matrices equal by collapsing to one vector.
+    return losses.cc_loss(x.student_features["pooled"], x.teacher_features["pooled"],
+                          gamma=gamma, order=order)
 
 
 def _reviewkd(x: TermInputs, *, max_mid_channels):
@@ -624,9 +655,7 @@ register_term("pkt", _pkt, uses=("teacher", "features"))
 register_term("vid", _vid, uses=("teacher", "features"),
               defaults={"init_var": 5.0, "eps": 1e-5},
               head=lambda *, init_var, eps: VIDRegressors(init_var, eps))
-register_term("cc", _cc, uses=("teacher", "features"),
-              defaults={"dim": 128, "gamma": 0.4, "order": 2},
-              head=lambda *, dim, gamma, order: EmbedPair(dim))
+register_term("cc", _cc, uses=("teacher", "features"), defaults={"gamma": 0.4, "order": 2})
 register_term("crd", _crd, uses=("teacher", "features", "index"),
               defaults={"dim": 128, "num_negatives": 16384, "temperature": 0.07,
                         "momentum": 0.5, "sampler": "class_exclusive"},
@@ -656,7 +685,7 @@ METHODS: dict[str, Objective] = {
     "rkd": _preset(T("ce"), T("rkd", 1.0)),
     "pkt": _preset(T("ce"), T("pkt", 30000.0)),
     "vid": _preset(T("ce"), T("vid", 1.0)),
-    "cc": _preset(T("ce"), T("cc", 0.02)),
+    "cc": _preset(T("ce"), T("cc", 100.0)),
     "crd": _preset(T("ce"), T("crd", 0.8)),
     "reviewkd": _preset(T("ce"), T("reviewkd", 1.0, warmup_epochs=20.0)),
 }

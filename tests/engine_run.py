@@ -1,4 +1,4 @@
-"""Runs a small teacher + two-student distillation end to end; used by test_train.py in
+"""Runs a small teacher + three-student distillation (KD, FitNets, CRD) end to end; used by test_train.py in
 subprocesses (fake device counts, two processes, SIGKILL and resume).
 
 Writes the final student parameters (flattened) and test accuracies to ``--out`` (.npz).
@@ -74,15 +74,20 @@ result = loop.fit(loop.replicate((state,), mesh),
                   checkpointer=ckpt("teacher"), progress=False, log_every=1)
 tvars = {"params": result.states[0].params, "batch_stats": result.states[0].batch_stats}
 
-objs = [objectives.from_method("kd"), objectives.from_method("fitnet", "fitnet.weight=10")]
+# KD; FitNets (a trained head); CRD (heads plus a memory bank indexed by example ids, so
+# resume, device counts and processes are checked on non-trainable state too).
+objs = [objectives.from_method("kd"), objectives.from_method("fitnet", "fitnet.weight=10"),
+        objectives.from_method("crd", "crd.num_negatives=32")]
 states = []
 for seed, obj in enumerate(objs, start=1):
     model = objectives.prepare_student(TinyNet(width=4), obj, teacher)
-    states.append(train.create_train_state(model, tx, init_seed=seed, data_seed=0))
+    aux = objectives.init_state(obj, num_examples=len(labels), train_labels=labels, seed=seed)
+    states.append(train.create_train_state(model, tx, init_seed=seed, data_seed=0,
+                                           aux_state=aux))
 step = loop.make_distill_step(mesh, objectives=objs, teacher_apply=teacher.apply,
                               dataset="cifar10", steps_per_epoch=spe)
 result = loop.fit(loop.replicate(tuple(states), mesh), lambda s, b: step(s, tvars, b),
-                  loader=loader, epochs=3, evaluate=evaluate, names=["kd", "fitnet"],
+                  loader=loader, epochs=3, evaluate=evaluate, names=["kd", "fitnet", "crd"],
                   phase="students", checkpointer=ckpt("students"), progress=False,
                   log_every=1, log_fn=kill_hook)
 
@@ -90,7 +95,7 @@ if jax.process_index() == 0:
     flat = {}
     for k, s in enumerate(result.states):
         for path, leaf in jax.tree_util.tree_leaves_with_path(
-                {"params": s.params, "batch_stats": s.batch_stats}):
+                {"params": s.params, "batch_stats": s.batch_stats, "aux_state": s.aux_state}):
             flat[f"{k}/{jax.tree_util.keystr(path)}"] = np.asarray(jax.device_get(leaf))
     for k, h in enumerate(result.history):
         flat[f"{k}/test_accuracy"] = np.array([r["test_accuracy"] for r in h])

@@ -64,8 +64,10 @@ def test_results_json_schema(smoke_run):
     assert results["config"]["run"]["teacher"] == "resnet14"
     assert results["config"]["schedule"]["epochs"] == 2
     # The effective objective of every method, not null placeholders.
-    assert results["objectives"]["kd"]["temperature"] == 4.0
-    assert results["objectives"]["kd"]["alpha"] == 0.9
+    terms = {t["name"]: t for t in results["objectives"]["kd"]["terms"]}
+    assert terms["kd"]["temperature"] == 4.0 and terms["kd"]["weight"] == 0.9
+    assert terms["ce"]["weight"] == pytest.approx(0.1)
+    assert results["objectives"]["kd"]["features"] == "post_relu"
     # config.json is the configuration as run; --config reruns it.
     assert json.loads((workdir / "config.json").read_text()) == results["config"]
     students = results["students"]
@@ -313,3 +315,50 @@ def test_protocol_report_reads_a_finished_run(smoke_run):
     assert f"| kd | 0 | {100 * kd['test_accuracy']:.2f} |" in proc.stdout
     assert "kd beats the baseline of the same seed on" in proc.stdout
     assert "Training time per epoch of the pass" in proc.stdout
+
+
+# ----------------------------------------------------------------------- methods and terms
+
+def test_method_names_for_help_are_the_objectives_presets():
+    from kd_jax import objectives
+    assert cifar_kd.METHOD_NAMES == tuple(objectives.METHODS)
+
+
+@pytest.mark.parametrize("terms, message", [
+    ("kd.temperature", "TERM.KEY=VALUE"),
+    ("crd.num_negatives=8", "no chosen method has a 'crd' term"),
+    ("kd.nonsense=1", "has no argument nonsense"),
+    ("kd.weight=-1", "weight must be finite and >= 0"),
+    ("kd.temperature=0", "term 'kd': temperature must be > 0"),
+    ("dkd.alpha='x'", "must be a finite number"),
+])
+def test_term_mistakes_end_with_one_clear_line(terms, message, capsys, tmp_path):
+    argv = ["--preset", "smoke", "--workdir", str(tmp_path / "w"), "--method", "kd,dkd",
+            "--term", terms]
+    code = cifar_kd.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_term_overrides_reach_every_method_with_the_term():
+    config = cifar_kd.configure(cifar_kd.PRESETS["smoke"], methods=("kd", "dkd", "crd"),
+                                terms=("ce.weight=0.5", "dkd.beta=2", "crd.num_negatives=64"),
+                                epochs=24)
+    kd = cifar_kd.student_objective("kd", config)
+    dkd = cifar_kd.student_objective("dkd", config)
+    crd = cifar_kd.student_objective("crd", config)
+    assert kd.term("ce").weight == dkd.term("ce").weight == crd.term("ce").weight == 0.5
+    assert kd.term("kd").weight == 0.9 and dict(kd.term("kd").kwargs)["temperature"] == 4.0
+    assert dkd.term("dkd").arguments["beta"] == 2.0
+    assert dkd.term("dkd").warmup_epochs == pytest.approx(2.0)  # 20 of 240 epochs -> 2 of 24
+    assert crd.term("crd").arguments["num_negatives"] == 64
+    # --temperature and --alpha are shorthands over the same terms.
+    config = cifar_kd.configure(config, temperature=2.0, alpha=0.5, terms=())
+    kd = cifar_kd.student_objective("kd", config)
+    assert kd.term("kd").arguments["temperature"] == 2.0
+    assert kd.term("kd").weight == 0.5 and kd.term("ce").weight == 0.5
+    assert cifar_kd.student_objective("dkd", config).term("dkd").arguments["temperature"] == 2.0
+    # The flag's comma list parses to the same configuration.
+    parsed, _ = cifar_kd.parse_args(["--preset", "smoke", "--term", "ce.weight=0.5,dkd.beta=2"])
+    assert parsed.objective.terms == ("ce.weight=0.5", "dkd.beta=2")
