@@ -97,7 +97,10 @@ class Bench:
         labels = rng.integers(0, 10, b).astype(np.int32)
         shard = parallel.batch_sharding(self.mesh)
         self.batch = {"image": jax.device_put(images, shard),
-                      "label": jax.device_put(labels, shard)}
+                      "label": jax.device_put(labels, shard),
+                      "index": jax.device_put(np.arange(b, dtype=np.int32), shard)}
+        # The training set's labels, for objectives with state (CRD's memory bank).
+        self.train_labels = np.arange(CIFAR10_TRAIN, dtype=np.int32) % 10
         self.float_images = jax.device_put(
             np.asarray(data.normalize(jnp.asarray(images), dataset="cifar10")), shard)
         self.steps_per_epoch = CIFAR10_TRAIN // b
@@ -114,7 +117,10 @@ class Bench:
     def students(self, k):
         model = objectives.prepare_student(self.student, self.objective, self.teacher)
         return loop.replicate(tuple(
-            train.create_train_state(model, self.tx, init_seed=i, data_seed=0)
+            train.create_train_state(
+                model, self.tx, init_seed=i, data_seed=0,
+                aux_state=objectives.init_state(self.objective, num_examples=CIFAR10_TRAIN,
+                                                train_labels=self.train_labels, seed=i))
             for i in range(k)), self.mesh)
 
     def library_distill(self, k, impl):
