@@ -4,8 +4,8 @@
 
 Reads ``results.json`` and ``metrics.jsonl`` in the directory and prints Markdown: each method's
 accuracy per seed with its difference to the baseline of the same seed, whether every distilled
-seed beats its baseline, the test accuracy after the first epoch, and the pass's wall time per
-epoch (training and evaluation). The protocol READMEs quote these tables.
+seed beats its baseline, the test accuracy after the first epoch, the pass's wall time per
+epoch (training and evaluation), and each student's loss terms in its first and last epoch. The protocol READMEs quote these tables.
 """
 
 from __future__ import annotations
@@ -57,12 +57,34 @@ def report(directory: str) -> str:
         lines.append(f"- Training time per epoch of the pass (min): {per_epoch}; median "
                      f"{statistics.median(times.values()) / 60:.1f} min, total "
                      f"{sum(times.values()) / 60:.0f} min (evaluation excluded).")
+    lines += _terms_table(epochs)
     t = results["teacher"]
     lines.append(f"- Teacher: {t['arch']} from {t.get('source') or 'training'}, "
                  f"{100 * t['test_accuracy']:.2f}% measured in the run"
                  + (f" (published {100 * t['published_accuracy']:.2f}%)"
                     if t.get("published_accuracy") else "") + ".")
     return "\n".join(lines) + "\n"
+
+
+def _terms_table(epochs: list[dict]) -> list[str]:
+    """Each student's loss terms (weighted parts, epoch means) in the first and last epoch."""
+    by_student: dict[str, list[dict]] = {}
+    for r in epochs:
+        if r.get("terms"):
+            by_student.setdefault(r["student"], []).append(r)
+    if not by_student:
+        return []
+    out = ["", "Loss terms (weighted parts of the training loss, epoch means):", "",
+           "| student | term | first epoch | last epoch | change |", "|---|---|---|---|---|"]
+    for student, recs in by_student.items():
+        recs = sorted(recs, key=lambda r: r["epoch"])
+        first, last = recs[0], recs[-1]
+        for term, a in first["terms"].items():
+            b = last["terms"].get(term, float("nan"))
+            change = f"{100 * (b - a) / abs(a):+.0f}%" if a else "—"
+            out.append(f"| {student} | {term} | {a:.4g} | {b:.4g} | {change} |")
+    out.append("")
+    return out
 
 
 if __name__ == "__main__":

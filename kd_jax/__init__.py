@@ -58,6 +58,7 @@ _EXPORTS = {
     ]},
     "METHODS": "objectives",
     "Objective": "objectives",
+    "Term": "objectives",
     "OptimConfig": "train",
     "TrainState": "train",
     "distill_step": "train",
@@ -68,6 +69,7 @@ _EXPORTS = {
 __all__ = [
     "METHODS",
     "Objective",
+    "Term",
     "OptimConfig",
     "TrainState",
     "attention_transfer_loss",
@@ -147,5 +149,5 @@ if TYPE_CHECKING:  # Eager imports for type checkers and IDEs only.
         tempered_log_softmax,
         tempered_softmax,
     )
-    from kd_jax.objectives import METHODS, Objective
+    from kd_jax.objectives import METHODS, Objective, Term
     from kd_jax.train import OptimConfig, TrainState, distill_step, eval_step, train_step
