@@ -394,13 +394,17 @@ def test_sigkill_then_rerun_is_bit_identical_to_an_uninterrupted_run(reference_r
         np.testing.assert_array_equal(result[k], reference_run[k], err_msg=k)
 
 
-def test_vmap_impl_equals_the_loop_and_auto_picks_the_loop_on_cpu(trained_teacher):
+@pytest.mark.parametrize("method, overrides", [("kd", ()), ("crd", ("crd.num_negatives=32",))])
+def test_vmap_impl_equals_the_loop_and_auto_picks_the_loop_on_cpu(trained_teacher, method,
+                                                                  overrides):
+    # CRD: heads and a memory bank per student, stacked and vmapped like the parameters.
     teacher, tvars, _ = trained_teacher
     mesh, loader, tx = _setup()
-    objs = [objectives.from_method("kd")] * 2
+    objs = [objectives.from_method(method, *overrides)] * 2
 
     def run(impl):
-        _, states = _students(["kd", "kd"], teacher, tx, seeds=[3, 4])
+        _, states = _students([method, method], teacher, tx, seeds=[3, 4],
+                              **{method: overrides})
         step = loop.make_distill_step(mesh, objectives=objs, teacher_apply=teacher.apply,
                                       dataset="cifar10", steps_per_epoch=loader.steps_per_epoch,
                                       impl=impl)
@@ -412,6 +416,7 @@ def test_vmap_impl_equals_the_loop_and_auto_picks_the_loop_on_cpu(trained_teache
     looped, vmapped = run("loop"), run("vmap")
     for a, b in zip(looped, vmapped):
         chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(a.aux_state, b.aux_state, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="share one objective"):
         loop.make_distill_step(mesh, objectives=[objs[0], objectives.from_method("dkd")],
                                teacher_apply=teacher.apply, dataset="cifar10",
