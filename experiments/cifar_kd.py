@@ -86,8 +86,8 @@ class ObjectiveConfig:
     methods: tuple[str, ...] = _opt(("kd",), f"comma list of {','.join(METHOD_NAMES)}; 'none' "
                                              "is the baseline student, always added",
                                     flag="method")
-    temperature: float | None = _opt(None, "distillation temperature of kd, dkd, dist "
-                                           "(default: each method's, 4)")
+    temperature: float | None = _opt(None, "distillation temperature of kd, dkd, dist, lskd "
+                                           "(default: each method's; 4, lskd 2)")
     alpha: float | None = _opt(None, "KD: weight of the distillation term, CE gets 1-alpha "
                                      "(default 0.9)")
     terms: tuple[str, ...] = _opt(
