@@ -885,11 +885,12 @@ class Run:
             tx, schedule = self.optimizer(c.schedule.epochs, loader.steps_per_epoch)
             objs = [student_objective(m, c) for m, _ in group]
             teacher = self.teacher_model
-            states = []
+            states, models_ = [], []
             train_labels = self.data[1]
             for (method, seed), obj in zip(group, objs):
                 model = objectives.prepare_student(
                     self.model(c.run.student, shortcut=c.run.student_shortcut), obj, teacher)
+                models_.append(model)
                 aux_state = objectives.init_state(obj, num_examples=len(train_labels),
                                                   train_labels=train_labels, seed=seed)
                 states.append(train.create_train_state(model, tx, init_seed=seed,
@@ -921,14 +922,23 @@ class Run:
                               meta={"jobs": group})
             ckpt.close()
             group_results = []
-            for (method, seed), state, hist in zip(group, result.states, result.history):
+            for (method, seed), state, hist, model in zip(group, result.states, result.history,
+                                                          models_):
+                # The distilled student alone (no heads), loadable like any kd_jax checkpoint
+                # (e.g. as --teacher-checkpoint): <pass dir>/students/<method>_seed<seed>.
+                exported = objectives.backbone_variables(
+                    model, {"params": state.params, "batch_stats": state.batch_stats})
+                checkpoint.save_variables(
+                    os.path.join(pdir, "students", f"{method}_seed{seed}"), exported,
+                    {"arch": c.run.student, "shortcut": c.run.student_shortcut,
+                     "method": method, "seed": seed, "objective": objs[group.index(
+                         (method, seed))].as_dict(), "test_accuracy": hist[-1]["test_accuracy"],
+                     "num_classes": self.num_classes, "dataset": c.data.dataset})
                 group_results.append({
                     "arch": c.run.student, "method": method, "seed": seed,
                     "test_accuracy": hist[-1]["test_accuracy"],
                     "best_test_accuracy": max(h["test_accuracy"] for h in hist),
-                    "params": train.num_params(state.params.get("backbone", state.params)
-                                               if isinstance(state.params, dict)
-                                               else state.params),
+                    "params": train.num_params(exported["params"]),
                     "train_time_s": result.train_time_s,
                     "images_per_s": _steady_rate(hist),
                     "students_in_pass": len(group), "history": hist})

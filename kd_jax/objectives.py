@@ -57,7 +57,8 @@ import optax
 
 from kd_jax import losses
 
-__all__ = ["METHODS", "Objective", "Term", "TermInputs", "TermSpec", "cross_entropy",
+__all__ = ["METHODS", "Objective", "Term", "TermInputs", "TermSpec", "backbone_variables",
+           "cross_entropy",
            "evaluate_objective", "from_method", "init_state", "objective_loss",
            "prepare_student", "register_method", "register_term", "registered_terms"]
 
@@ -768,6 +769,16 @@ def prepare_student(student: nn.Module, objective: Objective, teacher: nn.Module
                              f"{shapes[stage][1:3]} and the student's {s_shapes[stage][1:3]}; "
                              "pick a stage where the spatial sizes agree (fitnet.stage=...).")
     return Student(student, objective, tuple(sorted(shapes.items())))
+
+
+def backbone_variables(model: nn.Module, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables of ``model``'s backbone alone: for a :class:`Student` the heads are
+    dropped (what the student predicts with, and what to export); others are returned as
+    they are."""
+    if not isinstance(model, Student):
+        return dict(variables)
+    return {collection: tree["backbone"] for collection, tree in variables.items()
+            if isinstance(tree, Mapping) and "backbone" in tree}
 
 
 def init_state(objective: Objective, *, num_examples: int | None = None,

@@ -362,3 +362,21 @@ def test_term_overrides_reach_every_method_with_the_term():
     # The flag's comma list parses to the same configuration.
     parsed, _ = cifar_kd.parse_args(["--preset", "smoke", "--term", "ce.weight=0.5,dkd.beta=2"])
     assert parsed.objective.terms == ("ce.weight=0.5", "dkd.beta=2")
+
+
+def test_each_student_is_exported_without_heads(smoke_run):
+    import jax
+    import numpy as np
+
+    from kd_jax import checkpoint
+    workdir, _ = smoke_run
+    results = json.loads((workdir / "results.json").read_text())
+    for s in results["students"]:
+        (path,) = glob.glob(str(workdir / "students_*" / "students" /
+                                f"{s['method']}_seed{s['seed']}"))
+        variables, meta = checkpoint.load_variables(path)
+        assert set(variables["params"]) and not any(k.startswith("head_")
+                                                     for k in variables["params"])
+        assert meta["method"] == s["method"] and meta["arch"] == "resnet8"
+        assert meta["test_accuracy"] == s["test_accuracy"]
+        assert sum(np.asarray(x).size for x in jax.tree.leaves(variables["params"])) == s["params"]
