@@ -441,3 +441,27 @@ def test_out_of_range_labels_give_a_non_finite_loss_everywhere():
                                          student_features=None, teacher_logits=logits,
                                          teacher_features=None, labels=labels, epoch=1.0)
         assert np.isnan(loss), method
+
+
+def test_fit_logs_each_students_loss_terms(capsys):
+    mesh, loader, tx = _setup(epochs=1)
+    teacher = TinyNet(width=8)
+    images, _ = toy_data()
+    tvars = teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    objs = [objectives.from_method("kd"), objectives.from_method("none")]
+    states = [train.create_train_state(TinyNet(width=4), tx, init_seed=i, data_seed=0)
+              for i in (1, 2)]
+    step = loop.make_distill_step(mesh, objectives=objs, teacher_apply=teacher.apply,
+                                  dataset="cifar10", steps_per_epoch=loader.steps_per_epoch)
+    evaluate = loop.make_evaluator(mesh, images=images, labels=toy_data()[1], batch_size=16,
+                                   dataset="cifar10")
+    records = []
+    loop.fit(loop.replicate(tuple(states), mesh), lambda s, b: step(s, tvars, b), loader=loader,
+             epochs=1, evaluate=evaluate, names=["kd", "none"], phase="students", log_every=2,
+             log_fn=records.append, progress=True)
+    for record in records:
+        expected = {"ce", "kd"} if record["student"] == "kd" else {"ce"}
+        assert set(record["terms"]) == expected, record
+        assert sum(record["terms"].values()) == pytest.approx(record["loss"], rel=1e-5)
+    bar = capsys.readouterr().err
+    assert "kd " in bar and "[ce " in bar and " kd " in bar.split("[ce ")[1]  # parts shown
