@@ -1,7 +1,12 @@
 """kd_jax: knowledge distillation in JAX/Flax.
 
-Modules (imports flow one way: loop -> train -> objectives -> losses/models; data, parallel
-and checkpoint stand alone):
+Modules (imports flow one way: experiment -> loop -> train -> objectives/data ->
+losses/models/checkpoint/parallel):
+
+- :mod:`kd_jax.experiment` — the whole experiment in one call: ``run(config, workdir)``
+  (teacher, baseline and distilled students, the table), ``ExperimentConfig``, ``PRESETS``.
+- :mod:`kd_jax.writers` — the metric-writer interface (CLU's) and the JSONL, TensorBoard and
+  text writers.
 
 - :mod:`kd_jax.losses` — pure, jittable distillation losses (Hinton KD, DKD, DIST, FitNets,
   AT, SP, RKD, PKT, LS-KD, NST, CRD's NCE loss and memory bank, VID, CC, ReviewKD's HCL).
@@ -28,8 +33,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _SUBMODULES = frozenset(
-    ["checkpoint", "convert", "data", "losses", "loop", "models", "objectives", "parallel",
-     "pretrained", "train"]
+    ["checkpoint", "convert", "data", "experiment", "losses", "loop", "models", "objectives",
+     "parallel", "pretrained", "train", "writers"]
 )
 # Re-exported name -> the submodule that defines it.
 _EXPORTS = {
@@ -88,6 +93,7 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "eval_step",
+    "experiment",
     "hint_loss",
     "loop",
     "losses",
@@ -106,6 +112,7 @@ __all__ = [
     "tempered_softmax",
     "train",
     "train_step",
+    "writers",
 ]
 
 
@@ -124,8 +131,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # Eager imports for type checkers and IDEs only.
-    from kd_jax import (checkpoint, convert, data, loop, losses, models, objectives, parallel,
-                        pretrained, train)
+    from kd_jax import (checkpoint, convert, data, experiment, loop, losses, models,
+                        objectives, parallel, pretrained, train, writers)
     from kd_jax.losses import (
         attention_transfer_loss,
         cc_loss,

@@ -14,8 +14,10 @@ back to the one before; with none readable it warns and returns ``None`` (start 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -57,6 +59,23 @@ def _verified(tree: Any, meta: dict[str, Any], where: str) -> dict[str, Any]:
     return meta
 
 
+class _WorkerErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_worker_errors():
+    """Drops Orbax's "<thread>.run() raised an exception" log records (the same error is
+    raised in the calling thread)."""
+    logger, quiet = logging.getLogger("absl"), _WorkerErrors()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class Checkpointer:
     """Saves and restores ``(tree, meta)`` pairs under ``directory``, one per step.
 
@@ -92,14 +111,17 @@ class Checkpointer:
              metrics: dict[str, float] | None = None) -> None:
         """Writes ``tree`` and ``meta`` (JSON-serialisable) as ``step``; blocks until durable."""
         meta = {**meta, _DIGEST_KEY: tree_digest(tree)}
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                    meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        # A failed write (e.g. a full disk) is raised here; Orbax's worker threads also log it
+        # with their tracebacks, which would bury the caller's one-line report.
+        with _quiet_worker_errors():
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                        meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=True,
+            )
+            self._manager.wait_until_finished()
 
     def restore(self, target: Any, step: int | None = None
                 ) -> tuple[int, Any, dict[str, Any]] | None:

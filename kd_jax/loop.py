@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kd_jax import data, train
+from kd_jax.writers import emit
 from kd_jax.checkpoint import Checkpointer
 from kd_jax.objectives import Objective
 
@@ -138,7 +139,8 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
         evaluate: Callable, names: Sequence[str], phase: str,
         checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
         lr_fn: Callable[[int], float] | None = None, log_every: int = 50,
-        log_fn: Callable[[dict], None] | None = None, progress: bool = True,
+        writers: Sequence[Any] = (), hooks: Sequence[Callable[[dict], None]] = (),
+        context: dict[str, Any] | None = None, progress: bool = True,
         meta: dict[str, Any] | None = None) -> FitResult:
     """Trains ``states`` (K of them, stepped together by ``step_fn``) for ``epochs`` epochs.
 
@@ -147,8 +149,13 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
     logged as each record's ``"terms"``); ``loader.epoch(e, start_step)`` yields the batches of epoch ``e``;
     ``evaluate(states)`` returns one ``{"test_accuracy", ...}`` per state. With a
     ``checkpointer`` the run resumes from its newest readable checkpoint and skips when
-    already finished. ``log_fn`` receives one record per log interval and per epoch.
-    Raises :class:`NonFiniteLossError` on a NaN/inf loss, naming the step.
+    already finished.
+
+    Every log interval and every epoch, each student's record (see :mod:`kd_jax.writers`;
+    ``context`` is merged into it, e.g. ``{"run": ...}``) goes to every writer of ``writers``
+    (:func:`kd_jax.writers.emit`), then to every ``hook(record)``: periodic actions such as a
+    time estimate or an interruption check (a hook that raises stops the run; the last
+    checkpoint is kept). Raises :class:`NonFiniteLossError` on a NaN/inf loss, naming the step.
     """
     states = tuple(states)
     k = len(states)
@@ -163,7 +170,14 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
             start, states, saved = restored
             history, train_time = saved["history"], saved["train_time_s"]
     resumed_from = start
-    log = log_fn or (lambda record: None)
+    context = dict(context or {})
+
+    def log(record):
+        record = {**record, **context}
+        emit(writers, record)
+        for hook in hooks:
+            hook(record)
+
     bar = _progress_bar(progress and jax.process_index() == 0, phase, total_steps, start)
 
     step = start

@@ -45,6 +45,11 @@ __all__ = [
 IMAGE_SHAPE = (32, 32, 3)
 
 
+def _field(default, help: str, **meta):
+    """A dataclass field with its documentation (``help``, ``choices``) as metadata."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and learning-rate schedule.
@@ -62,17 +67,23 @@ class OptimConfig:
     before momentum (as ``torch.optim.SGD``) for SGD, decoupled (AdamW) for Adam.
     """
 
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    lr_batch_size: int = 64
-    scale_lr: bool = True
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    milestones: tuple[float, ...] = (150 / 240, 180 / 240, 210 / 240)
-    decay_factor: float = 0.1
-    warmup_epochs: float = 0.0
+    # Each field's metadata is its flag's help (and choices) in kd_jax.experiment's CLI.
+    optimizer: str = _field("sgd", "optimiser", choices=("sgd", "adam"))
+    lr: float = _field(0.05, "learning rate at --lr-batch-size images, scaled linearly with "
+                             "the batch size")
+    lr_batch_size: int = _field(64, "the batch size --lr refers to")
+    scale_lr: bool = _field(True, "scale --lr linearly with the batch size (Goyal et al. 2017)")
+    momentum: float = _field(0.9, "SGD momentum")
+    nesterov: bool = _field(False, "Nesterov momentum")
+    weight_decay: float = _field(5e-4, "weight decay (L2 before momentum for SGD, as "
+                                       "torch.optim.SGD; decoupled for Adam)")
+    schedule: str = _field("step", "learning-rate schedule (step: x--decay-factor at "
+                                   "--milestones, fractions of the run)",
+                           choices=("step", "cosine", "onecycle", "constant"))
+    milestones: tuple[float, ...] = _field((150 / 240, 180 / 240, 210 / 240),
+                                           "step schedule: comma list of fractions of the run")
+    decay_factor: float = _field(0.1, "step schedule: the rate's factor at each milestone")
+    warmup_epochs: float = _field(0.0, "linear warm-up epochs")
 
 
 def learning_rate(config: OptimConfig, batch_size: int) -> float:

@@ -89,7 +89,7 @@ step = loop.make_distill_step(mesh, objectives=objs, teacher_apply=teacher.apply
 result = loop.fit(loop.replicate(tuple(states), mesh), lambda s, b: step(s, tvars, b),
                   loader=loader, epochs=3, evaluate=evaluate, names=["kd", "fitnet", "crd"],
                   phase="students", checkpointer=ckpt("students"), progress=False,
-                  log_every=1, log_fn=kill_hook)
+                  log_every=1, hooks=[kill_hook])
 
 if jax.process_index() == 0:
     flat = {}

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -157,3 +158,25 @@ def test_changed_weights_of_a_saved_model_are_detected(tmp_path):
     shutil.copytree(tmp_path / "b" / "variables", tmp_path / "a" / "variables")
     with pytest.raises(checkpoint.CorruptCheckpointError, match="do not match the SHA-256"):
         checkpoint.load_variables(tmp_path / "a")
+
+
+def test_a_full_disk_is_raised_without_worker_tracebacks(tmp_path, capfd):
+    """On a real full disk (a 300 kB tmpfs) Orbax raises in the caller and its worker threads'
+    log records are dropped, so the experiment can report one line. Needs root to mount."""
+    import subprocess
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (external)")
+    try:
+        ckpt = checkpoint.Checkpointer(mount / "ck")
+        big = {"a": jax.random.normal(jax.random.key(0), (500_000,))}
+        with pytest.raises(ValueError, match="RESOURCE_EXHAUSTED") as info:
+            ckpt.save(1, big, meta={}, metrics={"test_accuracy": 0.0})
+        from kd_jax.experiment.workdir import is_disk_full
+        assert is_disk_full(info.value)
+        assert "raised an exception" not in capfd.readouterr().err
+        ckpt.close()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

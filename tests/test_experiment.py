@@ -1,4 +1,5 @@
-"""experiments/cifar_kd.py: the smoke preset end to end, resume, errors, the outputs."""
+"""kd_jax.experiment and its command line experiments/cifar_kd.py: the smoke preset end to end,
+the Python API, resume, errors, the outputs."""
 
 import glob
 import importlib.util
@@ -227,6 +228,7 @@ def test_missing_data_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
     argv = ["--preset", "smoke", "--data-dir", str(tmp_path / "empty"), "--workdir",
             str(tmp_path / "w")]
     assert cifar_kd.main(argv) == 1
@@ -281,15 +283,40 @@ def test_every_setting_is_a_flag_and_in_the_run_key():
 
 
 def test_help_lists_every_option_with_its_default():
+    """Each setting's flag shows its real default (mutation caught: a flag whose help drops
+    or misstates its default, ``(default )`` for an empty one, words broken at hyphens);
+    --help names every architecture, method and preset."""
+    from kd_jax import models, objectives
+    from kd_jax.experiment import PRESETS, ExperimentConfig, flat
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "100"})
     assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())  # unwrapped
+    import re
+    blocks = {b.split()[0].rstrip(","): " ".join(b.split())
+              for b in re.split(r"\n  (?=-)", proc.stdout) if b.startswith("-")}
     for flag in ["--dataset", "--data-dir", "--workdir", "--teacher", "--student", "--method",
                  "--epochs", "--teacher-epochs", "--batch-size", "--lr", "--seed", "--seeds",
                  "--train-subset", "--teacher-checkpoint", "--preset",
                  "--max-parallel-students"]:
         assert flag in proc.stdout, flag
-    assert "default" in proc.stdout
+    defaults = flat(ExperimentConfig())
+    for name, value in [("epochs", 240), ("batch_size", 64), ("lr", 0.05), ("seed", 0),
+                        ("dataset", "cifar10"), ("student", "resnet20"), ("log_every", 50),
+                        ("momentum", 0.9), ("max_parallel_students", 8)]:
+        assert defaults[name] == value  # the defaults the README documents
+        help_of = blocks[cifar_kd._flag(name)]
+        assert help_of.endswith(f"(default: {value})"), (name, help_of)
+    assert "(default )" not in proc.stdout and "(default: )" not in proc.stdout
+    assert "(default: none)" in text  # --term, --seeds-per-method
+    for line in proc.stdout.splitlines():
+        assert not line.rstrip().endswith("-") or line.strip() == "-", line  # no broken words
+    for arch in models.available():
+        assert arch in text, arch
+    for method in objectives.METHODS:
+        assert method in text, method
+    for preset in PRESETS:
+        assert f"  {preset} " in proc.stdout, preset
 
 
 @pytest.mark.slow
@@ -318,11 +345,6 @@ def test_protocol_report_reads_a_finished_run(smoke_run):
 
 
 # ----------------------------------------------------------------------- methods and terms
-
-def test_method_names_for_help_are_the_objectives_presets():
-    from kd_jax import objectives
-    assert cifar_kd.METHOD_NAMES == tuple(objectives.METHODS)
-
 
 @pytest.mark.parametrize("terms, message", [
     ("kd.temperature", "TERM.KEY=VALUE"),
@@ -380,3 +402,101 @@ def test_each_student_is_exported_without_heads(smoke_run):
         assert meta["method"] == s["method"] and meta["arch"] == "resnet8"
         assert meta["test_accuracy"] == s["test_accuracy"]
         assert sum(np.asarray(x).size for x in jax.tree.leaves(variables["params"])) == s["params"]
+
+
+# ------------------------------------------------------------------- the Python API
+
+def _readme_example() -> str:
+    """The Python example of the README's "Design" section (the same as in "The experiment")."""
+    readme = (ROOT / "README.md").read_text()
+    examples = []
+    for section in ("## The experiment", "## Design"):
+        start = readme.index("```python\nfrom kd_jax.experiment import run",
+                             readme.index(section))
+        examples.append(readme[start + len("```python\n"):readme.index("```", start + 10)])
+    assert examples[0] == examples[1]
+    return examples[1]
+
+
+class RecordingWriter:
+    """A user's writer with CLU's contract and nothing else."""
+
+    def __init__(self):
+        self.scalars, self.texts, self.flushed = [], [], 0
+
+    def write_scalars(self, step, scalars):
+        self.scalars.append((step, dict(scalars)))
+
+    def write_texts(self, step, texts):
+        self.texts.append(dict(texts))
+
+    def flush(self):
+        self.flushed += 1
+
+    def close(self):
+        raise AssertionError("run() must not close a writer it did not create")
+
+
+@pytest.fixture(scope="module")
+def api_run(fake_cifar, tmp_path_factory):
+    """The README's Python example, run as written (data and workdir redirected to the test's),
+    with a recording writer added."""
+    import kd_jax.experiment as experiment
+    workdir = tmp_path_factory.mktemp("py")
+    recorder = RecordingWriter()
+    real_run = experiment.run
+    experiment.run = lambda config, wd, **kw: real_run(config, wd, writers=[recorder],
+                                                       progress=False, **kw)
+    try:
+        namespace = {}
+        exec(_readme_example().replace('"../shared/tfds"', repr(str(fake_cifar)))
+             .replace('"runs/py"', repr(str(workdir))), namespace)
+    finally:
+        experiment.run = real_run
+    return namespace["res"], workdir, recorder
+
+
+def test_python_api_equals_the_cli(api_run, smoke_run):
+    """run() and the CLI give bit-identical accuracies and the same results.json (but paths)."""
+    res, workdir, _ = api_run
+    cli_dir, _ = smoke_run
+    api = json.loads((workdir / "results.json").read_text())
+    cli = json.loads((cli_dir / "results.json").read_text())
+    for d in (api, cli):
+        d["config"]["data"]["data_dir"] = None
+        for s in d["students"]:
+            s.pop("train_time_s"), s.pop("images_per_s")
+        d["teacher"].pop("train_time_s")
+    assert api == cli
+    assert [s["test_accuracy"] for s in res.students] == \
+        [s["test_accuracy"] for s in cli["students"]]
+    assert res.config.run.teacher == "resnet14" and res.workdir == str(workdir)
+    assert res.to_json() == json.loads((workdir / "results.json").read_text())
+    assert res.table() == (workdir / "results.md").read_text()
+    for name in ("results.json", "results.md", "metrics.jsonl", "curves.png", "config.json",
+                 "log.txt"):
+        assert (workdir / name).stat().st_size > 0, name
+
+
+def test_custom_writer_receives_every_scalar_of_metrics_jsonl(api_run):
+    from kd_jax.writers import scalars_of
+    _, workdir, recorder = api_run
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert records and len(recorder.scalars) == len(records)
+    for record, (step, scalars) in zip(records, recorder.scalars):
+        assert step == record["step"]
+        assert scalars == scalars_of(record)
+        numbers = {k for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        assert len(scalars) == len(numbers) + len(record.get("terms", {}))
+    terms = [k for _, s in recorder.scalars for k in s if "/terms/" in k]
+    assert any(k.endswith("/terms/kd") for k in terms)
+    log = (workdir / "log.txt").read_text()
+    assert [t["log"] for t in recorder.texts if "log" in t][0] in log
+    assert recorder.flushed >= 1
+
+
+def test_rerunning_the_api_returns_the_stored_results(api_run):
+    from kd_jax.experiment import PRESETS, configure, run
+    res, workdir, _ = api_run
+    again = run(configure(res.config), str(workdir), progress=False)
+    assert again.reused and again.students == res.students

@@ -243,3 +243,13 @@ def test_extras_are_ranges_and_prepare_brings_importlib_resources():
     for reqs in extras.values():
         for r in reqs:
             assert "==" not in r.split(";")[0], r  # ranges, not pins
+
+
+def test_the_library_never_imports_the_scripts_and_its_modules_stay_small():
+    """Imports flow one way (nothing in kd_jax/ imports experiments/ or benchmarks/), the CLI
+    stays thin, and no module grows past ~500 lines."""
+    for path in sorted((ROOT / "kd_jax").rglob("*.py")):
+        eager, deferred = _imports(path)
+        assert not {"experiments", "benchmarks"} & (eager | deferred), path
+        assert len(path.read_text().splitlines()) <= 520, path
+    assert len((ROOT / "experiments" / "cifar_kd.py").read_text().splitlines()) <= 250

@@ -206,10 +206,10 @@ def test_every_registered_term_is_in_a_preset():
 @pytest.fixture
 def clean_registry():
     """Restores the term registry and METHODS after a test that registers its own."""
-    registry, methods = dict(objectives._REGISTRY), dict(objectives.METHODS)
+    registry, methods = dict(objectives.terms._REGISTRY), dict(objectives.METHODS)
     yield
-    objectives._REGISTRY.clear()
-    objectives._REGISTRY.update(registry)
+    objectives.terms._REGISTRY.clear()
+    objectives.terms._REGISTRY.update(registry)
     objectives.METHODS.clear()
     objectives.METHODS.update(methods)
 
@@ -314,7 +314,7 @@ def test_heads_train_beside_the_backbone_and_stay_out_of_predictions(method, tea
 
 
 def test_methods_without_heads_return_the_backbone_itself():
-    # CC is computed on the pooled embeddings themselves (see objectives._cc), so it has none.
+    # CC is computed on the pooled embeddings themselves (objectives.library._cc): it has no head.
     backbone = TinyNet(width=4)
     for method in ("none", "kd", "at", "sp", "cc"):
         assert not METHODS[method].has_heads
@@ -342,7 +342,7 @@ def test_reviewkd_resizes_like_pytorch_nearest(shape_in, size):
     for i in range(size):
         for j in range(size):
             expected[:, i, j] = x[:, rows[i], cols[j]]
-    np.testing.assert_array_equal(objectives._nearest(jnp.asarray(x), size), expected)
+    np.testing.assert_array_equal(objectives.heads._nearest(jnp.asarray(x), size), expected)
 
 
 def test_reviewkd_fusion_maps_have_the_teachers_shapes_shallow_to_deep(teacher_features):

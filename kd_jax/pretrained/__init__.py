@@ -33,8 +33,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Normalize", "Pretrained", "SCHEME", "available", "info", "load", "load_checkpoint",
-           "path", "resolve"]
+__all__ = ["Normalize", "Pretrained", "SCHEME", "Teacher", "available", "checkpoint_digest",
+           "info", "load", "load_checkpoint", "load_teacher", "path", "resolve", "teacher_dir",
+           "teacher_meta"]
 
 SCHEME = "pretrained:"
 _ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -135,3 +136,85 @@ def load(arch: str, *, dataset: str, dtype=None) -> Pretrained:
     ``load("resnet56", dataset="cifar100")``; ``preprocess`` takes uint8 NHWC images.
     """
     return load_checkpoint(path(arch, dataset=dataset), dtype=dtype)
+
+
+# ------------------------------------------------------------------ teachers by spec
+
+class Teacher(NamedTuple):
+    """A teacher named by a spec (:func:`load_teacher`): the Flax module, its variables, its
+    own input preprocessing (``None``: the dataset's normalisation, as for teachers trained
+    by kd_jax), its metadata, its checkpoint directory and the SHA-256 of its content."""
+
+    model: Any
+    variables: Any
+    preprocess: Normalize | None
+    meta: dict[str, Any]
+    path: str
+    digest: str
+
+
+def teacher_dir(spec: str) -> str:
+    """The checkpoint directory of a teacher spec: ``"pretrained:<dataset>/<arch>"``, a
+    directory written by ``python -m kd_jax.convert``, a kd_jax variables checkpoint, or a
+    trained teacher's directory holding ``final/``. Raises ``ValueError`` (message starting
+    with the spec) for an unknown shipped name."""
+    try:
+        where = resolve(spec)
+    except ValueError as err:
+        raise ValueError(f"{spec!r}: {err}") from err
+    if os.path.isdir(os.path.join(where, "final")):
+        where = os.path.join(where, "final")
+    return where
+
+
+def teacher_meta(spec: str) -> dict[str, Any]:
+    """The metadata of the teacher checkpoint ``spec`` (no arrays are read); ``ValueError``
+    when ``spec`` names no teacher checkpoint (e.g. a students checkpoint)."""
+    from kd_jax import checkpoint
+    where = teacher_dir(spec)
+    try:
+        meta = checkpoint.load_meta(where)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{spec!r} is not a teacher checkpoint (no readable meta); use "
+                         "pretrained:<dataset>/<arch>, a directory written by python -m "
+                         "kd_jax.convert, or <workdir>/teacher_*/final.") from err
+    if not isinstance(meta, dict) or "arch" not in meta or "num_classes" not in meta:
+        raise ValueError(f"{spec!r} is not a teacher checkpoint (its meta names no arch and "
+                         "num_classes; a students checkpoint?); use "
+                         "pretrained:<dataset>/<arch> or <workdir>/teacher_*/final.")
+    return meta
+
+
+def checkpoint_digest(directory: str) -> str:
+    """SHA-256 over the relative names and contents of every file under ``directory``: the
+    identity of a checkpoint's content, whatever its path."""
+    import hashlib
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, directory).encode() + b"\0")
+            with open(full, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
+def load_teacher(spec: str, *, dtype=None, sharding=None) -> Teacher:
+    """The teacher named by ``spec`` (see :func:`teacher_dir`), checked and loaded: its
+    metadata must name an architecture and classes, its arrays must fill that model exactly
+    (else one ``ValueError`` naming the spec). A converted teacher keeps its authors'
+    normalisation (``preprocess``); one trained by kd_jax uses the dataset's (``None``)."""
+    where = teacher_dir(spec)
+    meta = teacher_meta(spec)
+    try:
+        loaded = load_checkpoint(where, dtype=dtype, sharding=sharding)
+    except Exception as err:  # noqa: BLE001 — any unreadable array is the user's file
+        text = " ".join(str(err).split())
+        text = text if len(text) <= 160 else text[:157] + "..."
+        raise ValueError(f"{spec!r}: its arrays cannot be read as a {meta.get('arch')} "
+                         f"({type(err).__name__}: {text}); convert it again or point at "
+                         "another checkpoint.") from err
+    preprocess = loaded.preprocess if meta.get("normalization") else None
+    return Teacher(loaded.model, loaded.variables, preprocess, meta, where,
+                   checkpoint_digest(where))
