@@ -102,3 +102,22 @@ def test_full_disk_errors_are_recognised():
     assert workdir.is_disk_full(wrapped)
     assert not workdir.is_disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory"))
     assert not workdir.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_a_test_split_other_than_the_published_one_is_noted():
+    """A published teacher evaluated on a CIFAR-10 test split that is not the published one
+    (the JPEG copy in ../shared/tfds) gets a note that the JPEG copy costs about 10 points."""
+    import numpy as np
+    from test_experiment import SHARED_TFDS
+    from kd_jax.experiment import phases
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(10, dtype=np.int32)
+    assert phases.differs_from_published("cifar10", images, labels)
+    assert not phases.differs_from_published("cifar100", images, labels)  # no digest known
+    assert "about 10 points" in phases._NOT_PUBLISHED_NOTE
+    if not SHARED_TFDS.exists():
+        pytest.skip("../shared/tfds is not present (external)")
+    from kd_jax import data
+    assert phases.differs_from_published(
+        "cifar10", *data.load_arrays("cifar10", "test", data_dir=str(SHARED_TFDS)))

@@ -134,9 +134,17 @@ def test_resume_skips_finished_phases(smoke_run, tmp_path, capsys):
     for done in glob.glob(str(copy / "students_*" / "result.json")):
         os.remove(done)
     argv = [a if a != str(workdir) else str(copy) for a in argv]
+    log_before = (copy / "log.txt").read_text()
+    metrics_before = (copy / "metrics.jsonl").read_text()
     assert cifar_kd.main(argv) == 0
     log = (copy / "log.txt").read_text()
-    assert "already trained" in log
+    new = log[len(log_before):]
+    assert log.startswith(log_before) and "teacher: resnet14 already trained" in new
+    assert "plan: teacher: reuse resnet14 trained for 3 epochs" in new
+    # Mutation caught: a student phase that ignores its checkpoint and retrains (even
+    # deterministically) logs epochs again and appends records.
+    assert "[students1" not in new and "[teacher" not in new, new
+    assert (copy / "metrics.jsonl").read_text() == metrics_before
     after = json.loads((copy / "results.json").read_text())
     assert [s["test_accuracy"] for s in after["students"]] == \
         [s["test_accuracy"] for s in before["students"]]
@@ -386,22 +394,66 @@ def test_term_overrides_reach_every_method_with_the_term():
     assert parsed.objective.terms == ("ce.weight=0.5", "dkd.beta=2")
 
 
-def test_each_student_is_exported_without_heads(smoke_run):
-    import jax
-    import numpy as np
+@pytest.fixture(scope="module")
+def head_students(fake_cifar, tmp_path_factory):
+    """One short pass of students whose methods train heads (FitNets' regressor, VID's,
+    CRD's embeddings and memory bank, ReviewKD's fusion) from a shipped teacher."""
+    from kd_jax.experiment import PRESETS, configure, run
+    workdir = tmp_path_factory.mktemp("heads")
+    config = configure(PRESETS["smoke"], data_dir=str(fake_cifar), epochs=1, train_subset=100,
+                       test_subset=100, methods=("fitnet", "vid", "crd", "reviewkd"),
+                       teacher_checkpoint="pretrained:cifar10/resnet20",
+                       terms=("crd.num_negatives=200",), log_every=1)
+    return run(config, str(workdir), progress=False), workdir
 
-    from kd_jax import checkpoint
-    workdir, _ = smoke_run
-    results = json.loads((workdir / "results.json").read_text())
-    for s in results["students"]:
+
+def test_crd_subset_warning_is_one_line(head_students):
+    """100 images, 10 per class: 200 negatives cannot be drawn from the other classes."""
+    _, workdir = head_students
+    log = (workdir / "log.txt").read_text().splitlines()
+    (line,) = [x for x in log if "negatives requested" in x]
+    assert line.startswith("warning: crd/seed0: CRD: 200 negatives requested but only 90")
+    assert "warnings.warn" not in (workdir / "log.txt").read_text()
+
+
+def test_each_student_is_exported_without_heads(head_students):
+    """Every student, heads or not, is exported as the bare architecture: the exported tree is
+    a fresh resnet8's, and evaluating the exported file reproduces the recorded accuracy.
+    Mutations caught: heads left in the export, the wrong student's or the untrained weights
+    exported, a backbone subtree dropped."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from kd_jax import checkpoint, data, loop, models, parallel, train
+    res, workdir = head_students
+    mesh = parallel.make_mesh()
+    images, labels = data.load_arrays("cifar10", "test", per_class=10)
+    fresh = models.create("resnet8", 10).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                               train=False)
+    evaluate = loop.make_evaluator(mesh, images=images, labels=labels, batch_size=50,
+                                   dataset="cifar10")
+    accuracies = {}
+    for s in res.students:
         (path,) = glob.glob(str(workdir / "students_*" / "students" /
                                 f"{s['method']}_seed{s['seed']}"))
         variables, meta = checkpoint.load_variables(path)
-        assert set(variables["params"]) and not any(k.startswith("head_")
-                                                     for k in variables["params"])
+        assert jax.tree.structure(variables["params"]) == jax.tree.structure(fresh["params"])
+        assert not any(k.startswith("head_") for k in variables["params"])
         assert meta["method"] == s["method"] and meta["arch"] == "resnet8"
         assert meta["test_accuracy"] == s["test_accuracy"]
-        assert sum(np.asarray(x).size for x in jax.tree.leaves(variables["params"])) == s["params"]
+        assert sum(np.asarray(x).size for x in jax.tree.leaves(variables["params"])) == \
+            s["params"] == train.num_params(fresh["params"])
+        state = train.TrainState.create(apply_fn=models.create("resnet8", 10).apply,
+                                        params=variables["params"],
+                                        batch_stats=variables["batch_stats"],
+                                        tx=optax.identity())
+        (ev,) = evaluate([state])
+        accuracies[s["method"]] = (ev["test_accuracy"], s["test_accuracy"])
+    assert set(accuracies) == {"none", "fitnet", "vid", "crd", "reviewkd"}
+    for method, (measured, recorded) in accuracies.items():
+        assert measured == pytest.approx(recorded, abs=1e-6), method
 
 
 # ------------------------------------------------------------------- the Python API
