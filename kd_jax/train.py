@@ -148,12 +148,14 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *,
-                       init_seed: int, data_seed: int, aux_state: Any = None) -> TrainState:
-    """Initialises ``model`` from ``init_seed``; the augmentation stream comes from ``data_seed``;
-    ``aux_state`` is the objective's state (:func:`kd_jax.objectives.init_state`)."""
+                       init_seed: int, data_seed: int, aux_state: Any = None,
+                       image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> TrainState:
+    """Initialises ``model`` from ``init_seed`` for ``image_shape`` inputs (CIFAR's 32×32×3 by
+    default); the augmentation stream comes from ``data_seed``; ``aux_state`` is the
+    objective's state (:func:`kd_jax.objectives.init_state`)."""
     # return_features=True so auxiliary modules on the feature path (regressors) exist too.
     variables = model.init(jax.random.PRNGKey(init_seed),
-                           jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False,
+                           jnp.zeros((1, *image_shape), jnp.float32), train=False,
                            return_features=True)
     return TrainState.create(
         apply_fn=model.apply,

@@ -2,13 +2,17 @@
 mapping, inference and errors, per-teacher normalisation in the distillation step.
 
 The logit fixture (tests/fixtures/pretrained_logits.npz) was made by
-tests/fixtures/make_pretrained_logits.py with torch; these tests need no torch.
+tests/fixtures/make_pretrained_logits.py with torch, the torch.save fixtures and digests
+(tests/fixtures/torch_files/) by tests/fixtures/make_torch_files.py; these tests need no torch.
 """
 
 import importlib.util
+import json
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 
-from kd_jax import convert, data, models, objectives, pretrained, train
+from kd_jax import checkpoint, convert, data, models, objectives, pretrained, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "pretrained"
@@ -163,30 +167,170 @@ def test_parameter_counts_of_both_shortcut_types(arch, shortcut, count):
     assert models.shortcut_of(model) == shortcut
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/pretrained")
-def test_convert_command_on_the_shared_files(tmp_path):
-    files = sorted(SHARED.glob("*/*.th")) + sorted(SHARED.glob("*/*.pt"))
+# ------------------------------------------------- torch.save files read without torch
+
+_torch_spec = importlib.util.spec_from_file_location("make_torch_files",
+                                                     FIXTURES / "make_torch_files.py")
+_torch_files = importlib.util.module_from_spec(_torch_spec)
+_torch_spec.loader.exec_module(_torch_files)
+TORCH_FILES = FIXTURES / "torch_files"
+_DIGESTS = json.loads((TORCH_FILES / "digests.json").read_text())["files"]
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/pretrained")
+
+
+def _shared_files():
+    return sorted(SHARED.glob("*/*.th")) + sorted(SHARED.glob("*/*.pt"))
+
+
+def _described(path):
+    return _torch_files.digest(convert.read_torch_file(path), _torch_files.numpy_of_array)
+
+
+@pytest.mark.parametrize("name", ["zip.pt", "legacy.pt"])
+def test_read_torch_file_equals_torch_load_on_every_kind_of_tensor(name):
+    """Both torch.save formats, every storage dtype, views of a shared storage (transpose,
+    column, offset tail), scalar, empty, nn.Parameter, plain values: dtype, shape and bytes
+    equal what torch.load(weights_only=True) read (recorded by make_torch_files.py)."""
+    assert _described(TORCH_FILES / name) == _DIGESTS[name]
+
+
+@needs_shared
+def test_read_torch_file_equals_torch_load_on_the_published_files():
+    files = _shared_files()
+    assert len(files) == 5
+    for path in files:
+        assert _torch_files.summary(_described(path)) == _DIGESTS[path.name], path.name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="needs torch; without it the recorded digests above check the same")
+def test_read_torch_file_equals_torch_load_here():
+    """Where torch is installed: the reader against torch.load directly (and so the recorded
+    digests against this torch)."""
+    import torch
+
+    for path in [TORCH_FILES / "zip.pt", TORCH_FILES / "legacy.pt", *_shared_files()]:
+        ref = _torch_files.digest(torch.load(path, map_location="cpu", weights_only=True),
+                                  _torch_files.numpy_of_tensor)
+        assert _described(path) == ref, path.name
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_read_torch_file_runs_no_pickled_code(tmp_path):
+    """A pickle that would run a command, in either format, is refused before anything runs,
+    as torch.load(weights_only=True) refuses it; so are tensors that reach past their
+    storage."""
+    marker = tmp_path / "ran"
+    evil = pickle.dumps({"w": _Evil(marker)}, protocol=2)
+    with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
+        z.writestr("archive/data.pkl", evil)
+    legacy = b"".join(pickle.dumps(x, protocol=2) for x in (
+        convert._LEGACY_MAGIC, convert._LEGACY_PROTOCOL, {"little_endian": True})) + evil
+    (tmp_path / "evil.th").write_bytes(legacy)
+    for name in ("evil.pt", "evil.th"):
+        with pytest.raises(convert.ConversionError, match="system is not allowed"):
+            convert.read_torch_file(tmp_path / name)
+    assert not marker.exists()
+    # BUILD on an allowed global (here FloatStorage's dtype set to float64) is refused, so a
+    # file cannot change how the next one is read.
+    def text(s):
+        return b"X" + len(s).to_bytes(4, "little") + s.encode()
+
+    tamper = b"\x80\x02ctorch\nFloatStorage\n}" + text("dtype") + text("float64") + b"sb."
+    with zipfile.ZipFile(tmp_path / "tamper.pt", "w") as z:
+        z.writestr("archive/data.pkl", tamper)
+    with pytest.raises(convert.ConversionError, match="cannot be set"):
+        convert.read_torch_file(tmp_path / "tamper.pt")
+    # The zip fixture with its storage cut short: a tensor would read past it.
+    with zipfile.ZipFile(TORCH_FILES / "zip.pt") as src, \
+            zipfile.ZipFile(tmp_path / "short.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info.filename, data[:-4] if "/data/" in info.filename else data)
+    with pytest.raises(convert.ConversionError, match="bytes, not"):
+        convert.read_torch_file(tmp_path / "short.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(convert.ConversionError, match="cannot read"):
+        convert.read_torch_file(tmp_path / "text.pt")
+
+
+@pytest.fixture
+def without_torch(monkeypatch):
+    """``import torch`` fails, as in CI: what runs is kd_jax's own reader."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+
+def _convert_command(capsys, *args):
+    """``python -m kd_jax.convert ARGS`` in this process: (exit code, stdout, stderr)."""
+    code = convert.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@needs_shared
+def test_convert_command_on_the_shared_files(tmp_path, capsys, without_torch):
+    """The converter CLI on the five published files, as CI runs it: without torch.
+
+    CI installs ``.[test,prepare]``, no torch, so the command reads the files with kd_jax's
+    own reader (:func:`kd_jax.convert.read_torch_file`; torch is blocked here, so the same
+    path runs where torch is installed). That reader, not torch, is what every user without
+    torch runs, and CI checks it against torch.load through the digests recorded with torch
+    (tests above; directly against torch where it is installed). Installing torch in CI
+    instead would test a path users without torch never take, and add a ~200 MB download.
+    """
+    files = _shared_files()
     assert len(files) == 5
     for src in files:
         dst = tmp_path / src.stem
-        r = subprocess.run([sys.executable, "-m", "kd_jax.convert", str(src), str(dst)],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        code, out, err = _convert_command(capsys, src, dst)
+        assert code == 0, err
+        known = convert.KNOWN_SOURCES[convert.sha256_file(src)]
+        meta = checkpoint.load_meta(str(dst))
+        assert (meta["arch"], meta["dataset"], meta["normalization"]["name"]) == (
+            known.arch, known.dataset, known.normalization), out
         loaded = pretrained.load_checkpoint(str(dst))
-        meta = convert.KNOWN_SOURCES[convert.sha256_file(src)]
-        assert loaded.model.num_classes == (10 if meta.dataset == "cifar10" else 100)
+        assert loaded.model.num_classes == (10 if known.dataset == "cifar10" else 100)
     # Same weights as shipped for the shipped ones.
-    shipped = pretrained.load("resnet56", dataset="cifar100").variables
-    chex.assert_trees_all_equal(pretrained.load_checkpoint(
-        str(tmp_path / "cifar100_resnet56-f2eff4c8")).variables, shipped)
+    for name, stem in [("cifar100/resnet56", "cifar100_resnet56-f2eff4c8"),
+                       ("cifar10/resnet20", "resnet20-12fca82f"),
+                       ("cifar10/resnet56", "resnet56-4bfd9763")]:
+        dataset, arch = name.split("/")
+        chex.assert_trees_all_equal(pretrained.load_checkpoint(str(tmp_path / stem)).variables,
+                                    pretrained.load(arch, dataset=dataset).variables)
 
 
-def test_convert_command_unknown_file_needs_normalization(tmp_path):
-    bogus = tmp_path / "x.pt"
-    bogus.write_bytes(b"not a checkpoint")
+@needs_shared
+def test_convert_command_unknown_file_needs_normalization(tmp_path, capsys, without_torch):
+    """A valid checkpoint that is not a known published file (the CIFAR-100 resnet56 re-zipped
+    under another name: same weights, other SHA-256) converts only with its normalisation
+    given: one line naming --normalization, exit 2, nothing written. Fails if the converter
+    guessed one (e.g. from the number of classes) or wrote the checkpoint first."""
+    src = SHARED / "chenyaofo-cifar100" / "cifar100_resnet56-f2eff4c8.pt"
+    unknown = tmp_path / "mine.pt"
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(unknown, "w") as b:
+        for info in a.infolist():
+            b.writestr("mine/" + info.filename.split("/", 1)[1], a.read(info))
+    assert convert.sha256_file(unknown) not in convert.KNOWN_SOURCES
+
+    code, _, err = _convert_command(capsys, unknown, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "mine.pt is not a known published file" in err and "--normalization" in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = _convert_command(capsys, unknown, tmp_path / "out",
+                                    "--normalization", "cifar100")
+    assert code == 0, err
+    meta = checkpoint.load_meta(str(tmp_path / "out"))
+    assert meta["normalization"]["name"] == "cifar100" and meta["source"]["origin"] is None
+    # The module's entry point, once: a missing file.
     r = subprocess.run([sys.executable, "-m", "kd_jax.convert", str(tmp_path / "missing.pt"),
-                        str(tmp_path / "out")], capture_output=True, text=True)
+                        str(tmp_path / "out2")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no file" in r.stderr
 
 

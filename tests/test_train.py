@@ -57,14 +57,44 @@ def test_unknown_optimizer_and_schedule():
                             steps_per_epoch=1, epochs=1)
 
 
-def test_sgd_weight_decay_is_coupled_l2():
-    # torch.optim.SGD semantics: the decay is added to the gradient before momentum.
-    tx = train.make_optimizer(train.OptimConfig(lr=0.1, lr_batch_size=1, momentum=0.0,
-                                                weight_decay=0.5, schedule="constant"),
-                              batch_size=1, steps_per_epoch=1, epochs=1)
-    params = {"w": jnp.array([2.0])}
-    updates, _ = tx.update({"w": jnp.array([1.0])}, tx.init(params), params)
-    chex.assert_trees_all_close(updates["w"], jnp.array([-0.1 * (1.0 + 0.5 * 2.0)]))
+def _torch_sgd(params, grad_fn, *, lr, momentum, weight_decay, nesterov, steps):
+    """torch.optim.SGD's update (dampening 0), in float64 NumPy: the decay is added to the
+    gradient, then momentum, then the step; the buffer starts as the first gradient."""
+    p, buf = np.array(params, np.float64), None
+    for _ in range(steps):
+        d = grad_fn(p) + weight_decay * p
+        buf = d if buf is None else momentum * buf + d
+        p = p - lr * (d + momentum * buf if nesterov else buf)
+    return p
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_weight_decay_is_coupled_l2(nesterov):
+    """make_optimizer's SGD equals torch.optim.SGD over several momentum steps. With momentum
+    0.9 coupled (L2 into the gradient, before momentum) and decoupled decay differ, so
+    trace -> add_decayed_weights -> scale_by_learning_rate (decay after momentum) fails, as
+    do a dropped decay, a decay applied twice and nesterov ignored."""
+    a = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 3.0]])
+
+    def grad(p):  # a quadratic's gradient: it depends on the parameters, as real ones do
+        return a @ p - np.array([1.0, -2.0, 0.5])
+
+    p0 = np.array([2.0, -1.0, 0.5])
+    config = train.OptimConfig(lr=0.1, lr_batch_size=1, momentum=0.9, nesterov=nesterov,
+                               weight_decay=0.2, schedule="constant")
+    tx = train.make_optimizer(config, batch_size=1, steps_per_epoch=1, epochs=1)
+    params = {"w": jnp.asarray(p0, jnp.float32)}
+    opt_state = tx.init(params)
+    for _ in range(6):
+        g = {"w": jnp.asarray(grad(np.asarray(params["w"], np.float64)), jnp.float32)}
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    want = _torch_sgd(p0, grad, lr=0.1, momentum=0.9, weight_decay=0.2, nesterov=nesterov,
+                      steps=6)
+    np.testing.assert_allclose(params["w"], want, rtol=1e-5, atol=1e-6)
+    decoupled = _torch_sgd(p0, grad, lr=0.1, momentum=0.9, weight_decay=0.0,
+                           nesterov=nesterov, steps=6)
+    assert np.abs(want - decoupled).max() > 1e-2  # the decay matters at this size
 
 
 # ------------------------------------------------------------------------- steps
@@ -147,16 +177,24 @@ def test_every_objective_trains_and_its_loss_falls(trained_teacher):
 
 
 def test_teacher_is_frozen_and_never_differentiated(trained_teacher):
+    """In the library's jitted step (loop.make_distill_step, as fit runs it) every call of
+    the teacher is in inference mode with nothing mutable (so its batch_stats cannot change),
+    and no gradient reaches its variables. Fails if the step runs the teacher in training
+    mode (train=True with mutable batch_stats) or drops teacher_outputs' stop_gradient."""
     teacher, tvars, _ = trained_teacher
     mesh, loader, tx = _setup()
-    before = jax.tree.map(np.array, tvars)
-    objs, states = _students(["kd", "at"], teacher, tx)
-    step = jax.jit(lambda s, t, b: train.distill_step_many(
-        s, t, b, objectives=objs, teacher_apply=teacher.apply, dataset="cifar10",
-        steps_per_epoch=loader.steps_per_epoch), donate_argnums=0)
+    calls = []
+
+    def recording_apply(variables, images, **kwargs):  # records each call as it is traced
+        calls.append({k: kwargs.get(k) for k in ("train", "mutable")})
+        return teacher.apply(variables, images, **kwargs)
+
+    objs, states = _students(["kd", "at"], teacher, tx)  # logits only, and features
+    step = loop.make_distill_step(mesh, objectives=objs, teacher_apply=recording_apply,
+                                  dataset="cifar10", steps_per_epoch=loader.steps_per_epoch)
     for batch in loader.epoch(0):
         states, _ = step(states, tvars, batch)
-    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, tvars))
+    assert calls and all(c == {"train": False, "mutable": None} for c in calls), calls
 
     batch = next(loader.epoch(1))
     images = data.normalize(batch["image"], dataset="cifar10")
@@ -421,7 +459,18 @@ def test_vmap_impl_equals_the_loop_and_auto_picks_the_loop_on_cpu(trained_teache
         loop.make_distill_step(mesh, objectives=[objs[0], objectives.from_method("dkd")],
                                teacher_apply=teacher.apply, dataset="cifar10",
                                steps_per_epoch=4, impl="vmap")
-    assert loop._platform(mesh) == "cpu"  # where "auto" takes the loop
+    if method != "kd":  # auto's choice depends on the platform and on shared objectives only
+        return
+    # "auto" on this CPU mesh compiles the loop's program, not vmap's (which two students of
+    # one objective would allow): its jaxpr is the loop's. Fails if auto picked vmap on CPU.
+    assert {d.platform for d in mesh.devices.flat} == {"cpu"}
+    _, states = _students([method, method], teacher, tx, seeds=[3, 4])
+    batch = next(loader.epoch(0))
+    jaxprs = {impl: str(jax.make_jaxpr(loop.make_distill_step(
+        mesh, objectives=objs, teacher_apply=teacher.apply, dataset="cifar10",
+        steps_per_epoch=loader.steps_per_epoch, impl=impl))(states, tvars, batch))
+        for impl in ("auto", "loop", "vmap")}
+    assert jaxprs["auto"] == jaxprs["loop"] != jaxprs["vmap"]
 
 
 def test_out_of_range_labels_give_a_non_finite_loss_everywhere():
@@ -441,6 +490,19 @@ def test_out_of_range_labels_give_a_non_finite_loss_everywhere():
                                          student_features=None, teacher_logits=logits,
                                          teacher_features=None, labels=labels, epoch=1.0)
         assert np.isnan(loss), method
+    # The steps: a batch with one label out of range has a NaN loss (fails if a step clips or
+    # wraps the labels, e.g. jnp.clip(labels, 0, C - 1) or labels % C), one in range does not.
+    model = TinyNet(width=4)
+    state = train.create_train_state(model, optax.sgd(0.1), init_seed=0, data_seed=0)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    train_step = jax.jit(lambda s, b: train.train_step(s, b, dataset="cifar10"))
+    eval_step = jax.jit(lambda v, b: train.eval_step(v, b, apply_fn=model.apply,
+                                                     dataset="cifar10"))
+    images = jnp.asarray(toy_data(4)[0])
+    for bad, finite in [(1, True), (-1, False), (10, False)]:
+        batch = {"image": images, "label": jnp.array([0, bad, 2, 3]), "mask": jnp.ones(4, bool)}
+        assert np.isfinite(train_step(state, batch)[1]["loss"]) == finite, ("train_step", bad)
+        assert np.isfinite(eval_step(variables, batch)["loss_sum"]) == finite, ("eval_step", bad)
 
 
 def test_fit_logs_each_students_loss_terms(capsys):
@@ -456,9 +518,26 @@ def test_fit_logs_each_students_loss_terms(capsys):
     evaluate = loop.make_evaluator(mesh, images=images, labels=toy_data()[1], batch_size=16,
                                    dataset="cifar10")
     records = []
+
+    class Writer:  # CLU's contract only: gets every record's numbers as scalars
+        scalars = []
+
+        def write_scalars(self, step, scalars):
+            self.scalars.append((step, scalars))
+
+        write_texts = flush = close = lambda self, *a: None
+
+    writer = Writer()
     loop.fit(loop.replicate(tuple(states), mesh), lambda s, b: step(s, tvars, b), loader=loader,
              epochs=1, evaluate=evaluate, names=["kd", "none"], phase="students", log_every=2,
-             log_fn=records.append, progress=True)
+             writers=[writer], hooks=[records.append], context={"run": "r1"}, progress=True)
+    # 1 epoch of the loader's steps at log_every=2, plus the epoch records, per student.
+    steps = loader.steps_per_epoch
+    assert len(records) == 2 * (-(-steps // 2) + 1), len(records)
+    assert {r["kind"] for r in records} == {"step", "epoch"}
+    assert all(r["run"] == "r1" for r in records)  # the context reaches every record
+    assert len(writer.scalars) == len(records)
+    assert any(k == "students/kd/epoch/terms/kd" for _, s in writer.scalars for k in s)
     for record in records:
         expected = {"ce", "kd"} if record["student"] == "kd" else {"ce"}
         assert set(record["terms"]) == expected, record
