@@ -261,7 +261,8 @@ def test_failed_prepare_removes_only_its_partial_downloads(tmp_path, monkeypatch
     (root / "downloads").mkdir(parents=True)
     (root / "downloads" / "other.tar.gz.tmp.1").mkdir()  # another attempt's: not ours
     (root / "cifar100").mkdir()
-    monkeypatch.setattr(data, "_unreachable", lambda url: None)  # no probe: the network is up
+    from kd_jax.data import _prepare
+    monkeypatch.setattr(_prepare, "_unreachable", lambda url: None)  # no probe: network up
     for error in (OSError("disk full"), KeyboardInterrupt()):
         def failing(self, *args, **kwargs):
             (root / "downloads" / "cifar10" / "cifar.tar.gz.tmp.ab12").mkdir(parents=True)
