@@ -37,6 +37,10 @@ PyTorch                                                kd_jax
 
 Option-A shortcuts (akamaster) have no parameters; a state dict without ``downsample``/
 ``shortcut`` weights is option A.
+
+A torchvision ResNet-18/34/50 state dict (7x7 ``conv1``, ``layer1..4``, ``fc``) is recognised
+as such and becomes ``imagenet_resnet18/34/50`` (:mod:`kd_jax._convert_torchvision`), with
+ImageNet normalisation, ``image_size`` 224 and the eval transform (resize 256, centre crop 224).
 """
 
 from __future__ import annotations
@@ -433,7 +437,11 @@ def convert_state_dict(state: Mapping[str, np.ndarray], *, arch: str | None = No
 
     from kd_jax import models
 
+    from kd_jax import _convert_torchvision as tv
+
     state = _unwrap(state)
+    if tv.is_torchvision_resnet(state):  # 7x7 stem, layer1..4, fc: ImageNet ResNet-18/34/50
+        return tv.convert_torchvision_state_dict(state, arch=arch, num_classes=num_classes)
     info = infer_architecture(state)
     info.update({k: v for k, v in (("arch", arch), ("shortcut", shortcut),
                                    ("num_classes", num_classes)) if v is not None})
@@ -498,21 +506,22 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, *, arch: str | 
     Returns the metadata written with it: ``arch``, ``shortcut``, ``num_classes``,
     ``normalization`` (``{"name", "mean", "std"}`` on the [0, 1] scale), ``dataset``,
     ``source`` (file name, SHA-256, origin), ``license``, ``published_accuracy`` (known
-    files), ``params``.
+    files), ``params``; for torchvision ResNets also ``image_size`` and ``eval_transform``.
     """
-    from kd_jax import checkpoint, models
+    from kd_jax import _convert_torchvision, checkpoint, models
 
     digest = sha256_file(src)
     known = KNOWN_SOURCES.get(digest)
     state = load_torch_state_dict(src)
     variables, info = convert_state_dict(state, arch=arch, shortcut=shortcut,
                                          num_classes=num_classes)
+    tv_meta = _convert_torchvision.meta_defaults(info)  # ImageNet preprocessing; {} for CIFAR
     if (mean is None) != (std is None):
         raise ConversionError("give both --mean and --std, or --normalization")
     if mean is not None:
         norm = {"name": "custom", "mean": [float(x) for x in mean], "std": [float(x) for x in std]}
     else:
-        name = normalization or (known.normalization if known else None)
+        name = normalization or (known.normalization if known else tv_meta.get("normalization"))
         if name is None:
             raise ConversionError(
                 f"{os.path.basename(src)} is not a known published file, so its input "
@@ -530,8 +539,9 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, *, arch: str | 
     meta = {
         "format": "kd_jax.convert/1",
         **info,
+        **{k: tv_meta[k] for k in ("image_size", "eval_transform") if k in tv_meta},
         "normalization": norm,
-        "dataset": dataset or (known.dataset if known else
+        "dataset": dataset or (known.dataset if known else tv_meta.get("dataset") if tv_meta else
                                {10: "cifar10", 100: "cifar100"}.get(info["num_classes"])),
         "source": {"file": os.path.basename(os.fspath(src)), "sha256": digest,
                    "origin": known.origin if known else None},

@@ -43,12 +43,14 @@ _CIFAR_RESNETS = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "re
 _ZOO = _CIFAR_RESNETS + ["resnet8x4", "resnet32x4", "resnet18", "resnet34", "wrn_16_1",
                          "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "mobilenetv2",
                          "shufflenetv1", "shufflenetv2"]
+# 224-pixel networks: their shapes and features are tested in test_models_imagenet.py.
+_IMAGENET = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50"]
 
 
 def test_available_is_sorted_and_holds_the_zoo():
     names = models.available()
     assert names == sorted(names)
-    assert set(names) == set(_ZOO)
+    assert set(names) == set(_ZOO) | set(_IMAGENET)
 
 
 def test_unknown_name_raises_listing_available_names():

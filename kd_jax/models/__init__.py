@@ -1,4 +1,5 @@
-"""Image classifiers for 32x32 inputs, by name: ``create("resnet20", num_classes=10)``.
+"""Image classifiers by name: ``create("resnet20", num_classes=10)``; 32x32 inputs except the
+``imagenet_*`` ResNets (224x224, any multiple of 32 works).
 
 Every model is a Flax Linen module on NHWC images, called as::
 
@@ -28,6 +29,8 @@ Names (family module; parameters for 10 / 100 classes):
   2,255,156).
 * ``vgg8``, ``vgg13`` (``vgg``), ``mobilenetv2`` (``mobilenetv2``), ``shufflenetv1``,
   ``shufflenetv2`` (``shufflenet``): the rest of the CRD benchmark's CIFAR-100 zoo.
+* ``imagenet_resnet18``, ``imagenet_resnet34``, ``imagenet_resnet50`` (``imagenet_resnet``;
+  torchvision's layout, 11,689,512 / 21,797,672 / 25,557,032 for 1000 classes).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from kd_jax.models import mobilenetv2, resnet, shufflenet, vgg, wrn
+from kd_jax.models import imagenet_resnet, mobilenetv2, resnet, shufflenet, vgg, wrn
 from kd_jax.models.fold import folded_apply
 
 __all__ = ["SHORTCUTS", "available", "create", "folded_apply", "num_params", "shortcut_of"]
@@ -61,6 +64,10 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": partial(mobilenetv2.MobileNetV2, width_mult=0.5, expansion=6),
     "shufflenetv1": shufflenet.ShuffleNetV1,
     "shufflenetv2": shufflenet.ShuffleNetV2,
+    "imagenet_resnet18": partial(imagenet_resnet.ImageNetResNet, stage_sizes=(2, 2, 2, 2)),
+    "imagenet_resnet34": partial(imagenet_resnet.ImageNetResNet, stage_sizes=(3, 4, 6, 3)),
+    "imagenet_resnet50": partial(imagenet_resnet.ImageNetResNet, stage_sizes=(3, 4, 6, 3),
+                                 block="bottleneck"),
 }
 
 

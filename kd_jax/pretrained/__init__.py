@@ -109,8 +109,9 @@ def preprocess_of(meta: dict[str, Any], dataset: str | None = None) -> Normalize
 
 def load_checkpoint(directory: str, *, dtype=None, sharding=None) -> Pretrained:
     """Loads a kd_jax variables checkpoint (converted or trained) with its model and
-    preprocessing, building the model from the recorded ``arch``/``shortcut``/``num_classes``.
-    ``sharding`` places every array (e.g. replicated over a mesh)."""
+    preprocessing, building the model from the recorded ``arch``/``shortcut``/``num_classes``
+    (initialised at the recorded ``image_size``, default 32). ``sharding`` places every
+    array (e.g. replicated over a mesh)."""
     import jax
     import jax.numpy as jnp
 
@@ -121,8 +122,9 @@ def load_checkpoint(directory: str, *, dtype=None, sharding=None) -> Pretrained:
     kwargs = {} if dtype is None else {"dtype": dtype}
     model = models.create(meta["arch"], meta["num_classes"], shortcut=meta.get("shortcut"),
                           **kwargs)
+    size = int(meta.get("image_size", 32))  # 224 for converted torchvision ResNets
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, 32, 32, 3)), train=False))
+                                                 jnp.zeros((1, size, size, 3)), train=False))
     target = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           target)
