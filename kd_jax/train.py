@@ -167,14 +167,18 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *,
     )
 
 
-def _augmented_pixels(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
-    """The step's augmented view, uint8 pixels before any model's normalisation."""
+def _augmented_pixels(state: TrainState, batch: dict[str, jax.Array], dataset: str
+                      ) -> jax.Array:
+    """The step's augmented view, uint8 pixels before any model's normalisation: CIFAR's
+    crop and flip drawn on the device, or the batch as the host workers augmented it."""
+    if data.spec(dataset).host_augmented:
+        return batch["image"]
     key = jax.random.fold_in(state.rng, state.step)
     return data.random_crop_flip(key, batch["image"])
 
 
 def _augmented(state: TrainState, batch: dict[str, jax.Array], dataset: str) -> jax.Array:
-    return data.normalize(_augmented_pixels(state, batch), dataset=dataset)
+    return data.normalize(_augmented_pixels(state, batch, dataset), dataset=dataset)
 
 
 def _variables(state: TrainState, params=None) -> dict[str, Any]:
@@ -318,7 +322,7 @@ def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
                          "objectives; pass one objective per student.")
     applies, variables, preps = _as_teachers(teacher_apply, teacher_variables,
                                              teacher_preprocess)
-    pixels = _augmented_pixels(states[0], batch)
+    pixels = _augmented_pixels(states[0], batch, dataset)
     images = data.normalize(pixels, dataset=dataset)
     labels = batch["label"]
     with_features = any(o.needs_features for o in objectives)
@@ -375,7 +379,7 @@ def distill_step_vmap(stacked: TrainState, teacher_variables: Any,
     applies, variables, preps = _as_teachers(teacher_apply, teacher_variables,
                                              teacher_preprocess)
     first = jax.tree.map(lambda x: x[0], stacked)
-    pixels = _augmented_pixels(first, batch)
+    pixels = _augmented_pixels(first, batch, dataset)
     images = data.normalize(pixels, dataset=dataset)
     labels = batch["label"]
     t_logits, t_features = teacher_outputs(applies, variables, images,

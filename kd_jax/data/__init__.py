@@ -28,14 +28,17 @@ from kd_jax.data._batches import steps_per_epoch
 from kd_jax.data._prepare import _prepare_command  # noqa: F401 — tested directly
 from kd_jax.data._prepare import _unreachable  # noqa: F401 — tested directly
 from kd_jax.data._specs import DATASETS
+from kd_jax.data._specs import FOLDER
 from kd_jax.data._specs import DataNotFoundError
 from kd_jax.data._specs import DatasetSpec
 from kd_jax.data._specs import num_classes
+from kd_jax.data._specs import spec
 
 __all__ = [
     "DATASETS",
     "DataNotFoundError",
     "DatasetSpec",
+    "FOLDER",
     "IMAGE_SHAPE",
     "TrainLoader",
     "augment",
@@ -46,5 +49,6 @@ __all__ = [
     "normalize",
     "random_crop_flip",
     "num_classes",
+    "spec",
     "steps_per_epoch",
 ]
