@@ -44,8 +44,16 @@ def _example(name: str, seed: int = 0):
         return jnp.asarray(rng.integers(0, C, B), jnp.int32)
     if name in ("student_feature", "teacher_feature", "student_mean"):
         return _normal(name, seed, MAP)
-    if name == "log_scale":
+    if name in ("log_scale", "margin", "bn_scale", "bn_bias"):  # one value per channel
         return _normal(name, seed, MAP[-1:])
+    if name in ("student_factor", "teacher_factor"):  # factor transfer's factors
+        return _normal(name, seed, MAP)
+    if name == "temperature_logit":  # CTKD's learned scalar
+        return _normal(name, seed, ())
+    if name == "x":  # gradient_reversal's input
+        return _normal(name, seed, (B, C))
+    if name == "epoch":  # CTKD's curriculum
+        return jnp.asarray(rng.uniform(0.0, 12.0), jnp.float32)
     if name in ("student_features", "teacher_features"):  # ReviewKD's stages
         return [_normal(name, seed, MAP), _normal(name, seed + 10, (B, 2, 2, 5))]
     if name in ("student_embedding", "teacher_embedding", "embedding"):

@@ -147,7 +147,9 @@ def _students(methods, teacher, tx, seeds=None, labels=None, **overrides):
 def test_every_objective_trains_and_its_loss_falls(trained_teacher):
     teacher, tvars, _ = trained_teacher
     mesh, loader, tx = _setup(epochs=4, lr=0.02)
-    methods = list(objectives.METHODS)
+    # KD-SVD aligns singular vectors over channels, so it needs the teacher's stage widths
+    # (RepDistiller's too); its preset is tested in test_losses_more.py.
+    methods = [m for m in objectives.METHODS if m != "kdsvd"]
     objs, states = _students(methods, teacher, tx, fitnet=("fitnet.weight=10",),
                              dkd=("dkd.warmup_epochs=0",), reviewkd=("reviewkd.warmup_epochs=0",),
                              crd=("crd.num_negatives=32",))

@@ -6,7 +6,9 @@ unless the loss itself relates examples to each other.
 
 * Logit losses take logits of shape ``[..., C]`` and return shape ``[...]``.
 * Per-example feature losses take ``[B, ...]`` and return shape ``[B]``.
-* Relational losses (DIST, SP, RKD, PKT) return a scalar.
+* Relational losses (DIST, SP, RKD, PKT, CC, MLKD) return a scalar.
+* CTKD's learned temperature comes with its two parts, :func:`gradient_reversal` and the
+  curriculum :func:`ctkd_lambda`; :func:`ofd_margin` computes OFD's margin.
 
 All arithmetic runs in float32 or wider: bfloat16/float16 inputs are upcast to
 float32 first, float64 inputs stay float64. Shapes and dtypes are validated at trace
@@ -26,8 +28,9 @@ Three promises hold for every loss (tested):
   (e.g. a ``[B, 1]`` temperature, which would broadcast the loss to ``[B, B]``) is
   rejected even when traced; the value of a traced scalar cannot be checked.
 
-Families live in private modules (``_logit``, ``_feature``, ``_relational``, ``_crd``, with
-the shared checks in ``_checks``); import the names from here.
+Families live in private modules (``_logit``, ``_feature``, ``_relational``, ``_crd``,
+``_margin`` (AB, OFD), ``_factor`` (FSP, KDSVD, FT), ``_temperature`` (CTKD), with the shared
+checks in ``_checks``); import the names from here.
 """
 
 # One public name per line, grouped by family (as optax.losses).
@@ -35,6 +38,7 @@ from kd_jax.losses._logit import dist_loss as dist_loss
 from kd_jax.losses._logit import distillation_loss as distillation_loss
 from kd_jax.losses._logit import dkd_loss as dkd_loss
 from kd_jax.losses._logit import lskd_loss as lskd_loss
+from kd_jax.losses._logit import mlkd_loss as mlkd_loss
 from kd_jax.losses._logit import soft_target_cross_entropy as soft_target_cross_entropy
 from kd_jax.losses._logit import soft_target_kl as soft_target_kl
 from kd_jax.losses._logit import tempered_log_softmax as tempered_log_softmax
@@ -43,11 +47,21 @@ from kd_jax.losses._feature import attention_transfer_loss as attention_transfer
 from kd_jax.losses._feature import hcl_loss as hcl_loss
 from kd_jax.losses._feature import hint_loss as hint_loss
 from kd_jax.losses._feature import nst_loss as nst_loss
+from kd_jax.losses._feature import simkd_loss as simkd_loss
 from kd_jax.losses._feature import vid_loss as vid_loss
 from kd_jax.losses._relational import cc_loss as cc_loss
 from kd_jax.losses._relational import pkt_loss as pkt_loss
 from kd_jax.losses._relational import rkd_loss as rkd_loss
 from kd_jax.losses._relational import similarity_preserving_loss as similarity_preserving_loss
+from kd_jax.losses._margin import ab_loss as ab_loss
+from kd_jax.losses._margin import ofd_loss as ofd_loss
+from kd_jax.losses._margin import ofd_margin as ofd_margin
+from kd_jax.losses._factor import factor_transfer_loss as factor_transfer_loss
+from kd_jax.losses._factor import fsp_loss as fsp_loss
+from kd_jax.losses._factor import kdsvd_loss as kdsvd_loss
+from kd_jax.losses._temperature import ctkd_lambda as ctkd_lambda
+from kd_jax.losses._temperature import ctkd_loss as ctkd_loss
+from kd_jax.losses._temperature import gradient_reversal as gradient_reversal
 from kd_jax.losses._crd import crd_memory_update as crd_memory_update
 from kd_jax.losses._crd import crd_nce_loss as crd_nce_loss
 from kd_jax.losses._crd import crd_normalizers as crd_normalizers
@@ -58,22 +72,33 @@ from kd_jax.losses._crd import crd_sample_negatives as crd_sample_negatives
 from kd_jax.losses._feature import _adaptive_pool_matrix as _adaptive_pool_matrix
 
 __all__ = [
+    "ab_loss",
     "attention_transfer_loss",
     "cc_loss",
     "crd_memory_update",
     "crd_nce_loss",
     "crd_normalizers",
     "crd_sample_negatives",
+    "ctkd_lambda",
+    "ctkd_loss",
     "distillation_loss",
     "dist_loss",
     "dkd_loss",
+    "factor_transfer_loss",
+    "fsp_loss",
+    "gradient_reversal",
     "hcl_loss",
     "hint_loss",
+    "kdsvd_loss",
     "lskd_loss",
+    "mlkd_loss",
     "nst_loss",
+    "ofd_loss",
+    "ofd_margin",
     "pkt_loss",
     "rkd_loss",
     "similarity_preserving_loss",
+    "simkd_loss",
     "soft_target_cross_entropy",
     "soft_target_kl",
     "tempered_log_softmax",

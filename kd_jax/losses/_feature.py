@@ -277,3 +277,39 @@ def hcl_loss(
         loss = loss / weight_sum
         total = loss if total is None else total + loss
     return total
+
+
+@_nonfinite_propagates
+def simkd_loss(student_feature: ArrayLike, teacher_feature: ArrayLike) -> jax.Array:
+    r"""SimKD's feature loss: mean squared error between the projected student feature and
+    the teacher's final feature map.
+
+    .. math::
+      \ell_b = \frac{1}{D} \sum_i (P(f^s)_{b,i} - f^t_{b,i})^2
+
+    over the :math:`D` non-batch entries, where :math:`P` is the projector (the authors' CIFAR
+    setting: 1×1 conv to :math:`C_t / 2` channels, BN, ReLU, 3×3 conv, BN, ReLU, 1×1 conv to
+    :math:`C_t`, BN, ReLU, with the larger map first average-pooled to the smaller one's
+    size). The value is the FitNets hint loss; what makes SimKD is the rest of the method:
+    this is the *only* loss (weight 1, no cross-entropy, no KD: ``-c 0 -d 0 -b 1`` in the
+    authors' ``run_distill.sh``), and the deployed student predicts with the teacher's
+    classifier applied to the pooled projected feature, so the projector and that classifier
+    are part of the student as exported. The batch mean of :math:`\ell` is the authors'
+    ``nn.MSELoss()``.
+
+    Args:
+      student_feature: the projector's output ``[B, ...]`` (NHWC maps).
+      teacher_feature: the teacher's final feature map (after its ReLU), the same shape.
+
+    Returns:
+      Per-example loss of shape ``[B]``.
+
+    References:
+      Chen et al., `Knowledge Distillation with the Reused Teacher Classifier
+      <https://arxiv.org/abs/2203.14001>`_, CVPR 2022
+    """
+    s, t = _validated(
+        student_feature, teacher_feature, ("student_feature", "teacher_feature"),
+        match="shape", min_ndim=2)
+    diff = _flatten(s) - _flatten(t)
+    return jnp.sum(jnp.square(diff), axis=-1) / diff.shape[-1]

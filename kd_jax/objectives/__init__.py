@@ -36,6 +36,7 @@ from kd_jax.objectives.presets import METHODS
 from kd_jax.objectives.presets import from_method
 from kd_jax.objectives.presets import register_method
 from kd_jax.objectives.presets import resolve
+from kd_jax.objectives import more_terms  # noqa: F401, E402  (KDSVD, CTKD: terms and presets)
 from kd_jax.objectives.terms import FEATURE_CONVENTIONS
 from kd_jax.objectives.terms import Objective
 from kd_jax.objectives.terms import Term

@@ -20,6 +20,8 @@ paper's CIFAR setting; every one adds its term to the cross-entropy with the lab
 ``cc``        CE + 100·CC, RBF kernel (γ=0.4, order 2) on the pooled embedding (Peng et al. 2019)
 ``crd``       CE + 0.8·CRD, 128-d heads, 16,384 negatives, T=0.07 (Tian et al. 2020)
 ``reviewkd``  CE + min(epoch/20, 1)·HCL through ABF fusion (Chen et al. 2021)
+``kdsvd``     CE + KDSVD(k=1) over the stages (Lee et al. 2018; mdistiller, in ``more_terms``)
+``ctkd``      0.1·CE + 0.9·KD at a learned T = 1 + 20·σ(θ), reversed gradient (Li et al. 2023)
 ============  ==================================================================
 """
 
