@@ -71,6 +71,14 @@ def _type_of(f):
     return str
 
 
+def _dataset(value: str) -> str:
+    from kd_jax import data
+    if value in data.DATASETS or (value.startswith(data.FOLDER) and len(value) > 7):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
+                                     f"{', '.join(data.DATASETS)} or folder:PATH)")
+
+
 def _shown(name, default) -> str:
     if name == "seeds_per_method":
         return ",".join(f"{m}={n}" for m, n in default) or "none"
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         if "default" not in help:
             help += f" (default: {_shown(name, defaults[name])})"
         kwargs = dict(default=None, dest=name, help=help)
-        kind = _type_of(f)
+        kind = _dataset if name == "dataset" else _type_of(f)
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

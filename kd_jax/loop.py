@@ -105,14 +105,24 @@ def _platform(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
-def make_evaluator(mesh: Mesh, *, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                   dataset: str, preprocess=None) -> Callable:
+def make_evaluator(mesh: Mesh, *, images: np.ndarray | None = None,
+                   labels: np.ndarray | None = None, batch_size: int, dataset: str,
+                   preprocess=None, batches: Callable[[], Any] | None = None) -> Callable:
     """``evaluate(states) -> [{"test_accuracy", "test_loss"}, ...]``, one dict per state.
 
-    Every test example counts exactly once (the last batch is padded and masked). A state
+    Every test example counts exactly once (the last batch is padded and masked). The
+    batches come from ``images``/``labels`` (:func:`kd_jax.data.eval_batches`) or, for data
+    decoded on the host, from ``batches()``, a fresh iterator of ``{"image", "label",
+    "mask"}`` batches per evaluation (e.g. :func:`kd_jax.hostdata.eval_batches`). A state
     may be anything with ``params``, ``batch_stats`` and ``apply_fn``; ``preprocess`` is
     the models' own input normalisation (default: ``dataset``'s).
     """
+    if batches is None:
+        if images is None or labels is None:
+            raise ValueError("make_evaluator needs images and labels, or batches.")
+
+        def batches():
+            return data.eval_batches(images, labels, batch_size=batch_size, mesh=mesh)
 
     def sums(states, batch):
         out = [train.eval_step({"params": s.params, "batch_stats": s.batch_stats}, batch,
@@ -124,7 +134,7 @@ def make_evaluator(mesh: Mesh, *, images: np.ndarray, labels: np.ndarray, batch_
 
     def evaluate(states):
         total = None
-        for batch in data.eval_batches(images, labels, batch_size=batch_size, mesh=mesh):
+        for batch in batches():
             s = sums_jit(states, batch)
             total = s if total is None else jax.tree.map(jnp.add, total, s)
         total = jax.device_get(total)

@@ -32,9 +32,16 @@ def _opt(default, help, **meta):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _opt("cifar10", "dataset", choices=("cifar10", "cifar100"))
+    dataset: str = _opt("cifar10", "dataset: cifar10, cifar100 (on the devices), imagenet2012 "
+                                   "(TFDS, prepared from the manual download) or folder:PATH "
+                                   "(PATH/{train,val}/<class>/*.JPEG), decoded in host workers")
     data_dir: str | None = _opt(None, "a prepared TFDS data directory (default: "
                                       "$TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    image_size: int | None = _opt(None, "image side the models see (default: the dataset's, 32 "
+                                        "for CIFAR, 224 for imagenet2012 and folders)")
+    workers: int | None = _opt(None, "host decode processes for imagenet2012 and folder "
+                                     "datasets (default: the CPU count - 1; 0 decodes in the "
+                                     "training process)")
     batch_size: int = _opt(64, "global batch size")
     train_subset: int | None = _opt(
         None, "use N training images, the first N/classes of each class (default: all)")
@@ -149,7 +156,8 @@ def configure(base: ExperimentConfig | None = None, **settings) -> ExperimentCon
         meta = _teacher_meta(spec)
         if "teacher" not in settings:
             by_section.setdefault("run", {})["teacher"] = meta["arch"]
-        if "dataset" not in settings and meta.get("dataset") in ("cifar10", "cifar100"):
+        if "dataset" not in settings and meta.get("dataset") in ("cifar10", "cifar100",
+                                                                  "imagenet2012"):
             by_section.setdefault("data", {})["dataset"] = meta["dataset"]
     return dataclasses.replace(base, **{
         s: dataclasses.replace(getattr(base, s), **v) for s, v in by_section.items()})
@@ -225,6 +233,22 @@ PRESETS: dict[str, ExperimentConfig] = {
                               warmup_epochs=1.0, seeds=2,
                               seeds_per_method=(("dkd", 1), ("dist", 1), ("fitnet", 1),
                                                 ("at", 1))),
+    # ImageNet, mdistiller's recipe for ResNet-34 -> ResNet-18: SGD 0.9, lr 0.2 at batch 512,
+    # weight decay 1e-4, 100 epochs, x0.1 at 30/60/90; KD with T=1, 0.5 CE + 0.5 KD. The
+    # teacher is a converted torchvision ResNet-34 (--teacher-checkpoint).
+    "imagenet": configure(dataset="imagenet2012", teacher="imagenet_resnet34",
+                          student="imagenet_resnet18", methods=("kd",), temperature=1.0,
+                          alpha=0.5, epochs=100, batch_size=512, lr=0.2, lr_batch_size=512,
+                          momentum=0.9, weight_decay=1e-4, schedule="step",
+                          milestones=(0.3, 0.6, 0.9), eval_batch_size=500, log_every=100),
+    # The ImageNet flow on a small image folder (--dataset folder:DIR) at 64 pixels with a
+    # converted teacher: a few minutes on a 2-core CPU.
+    "imagenet-smoke": configure(dataset="imagenet2012", teacher="imagenet_resnet18",
+                                student="imagenet_resnet18", methods=("kd",), temperature=1.0,
+                                alpha=0.5, epochs=1, teacher_epochs=1, batch_size=16, lr=0.1,
+                                lr_batch_size=256, momentum=0.9, weight_decay=1e-4,
+                                schedule="cosine", image_size=64, workers=0,
+                                eval_batch_size=32, log_every=2),
 }
 
 # One line per preset, for --help and the README.
@@ -234,6 +258,9 @@ PRESET_HELP = {
     "seed": "the blog post this project grew from: resnet18 -> resnet18, Adam, T=5, alpha 0.5",
     "cifar10-cpu": "shipped resnet56 -> resnet8 on CIFAR-10, none/kd/dkd/dist, 5 epochs",
     "cifar100-cpu": "shipped resnet56 -> resnet8 (B) on CIFAR-100, six methods, 5 epochs",
+    "imagenet": "mdistiller's ImageNet recipe: converted ResNet-34 -> ResNet-18, KD T=1, 100 "
+                "epochs",
+    "imagenet-smoke": "the ImageNet flow on a small --dataset folder:DIR at 64 px, 1 epoch",
 }
 assert set(PRESET_HELP) == set(PRESETS)
 

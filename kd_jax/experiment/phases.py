@@ -90,7 +90,13 @@ class Session:
         dtype = config.run.dtype if config.run.dtype != "auto" else (
             "float32" if self.platform == "cpu" else "bfloat16")
         self.dtype = jnp.dtype(dtype)
-        self.num_classes = data.num_classes(config.data.dataset)
+        self.spec = data.spec(config.data.dataset)
+        self.num_classes = self.spec.num_classes
+        self.host = self.spec.host_augmented  # decoded and augmented in host workers
+        size = config.data.image_size or self.spec.image_size
+        self.image_shape = (size, size, 3)
+        workers = config.data.workers
+        self.workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
         self.checkpoint_bytes = 0  # of the phase running, for a full disk's message
         self._data = None
         self.teacher_model = self.teacher_variables = None
@@ -102,7 +108,23 @@ class Session:
     # ------------------------------------------------------------------ shared parts
     @property
     def data(self):
-        """(train images, train labels, test images, test labels), loaded on first use."""
+        """(train images, train labels, test images, test labels), loaded on first use; for
+        host-decoded datasets (train source, train labels, val source, None)."""
+        if self._data is None and self.host:
+            from kd_jax import hostdata
+            c = self.c
+            t0 = time.perf_counter()
+            try:
+                train_src = hostdata.open_source(c.data.dataset, "train", data_dir=c.data.data_dir)
+                val_src = hostdata.open_source(c.data.dataset, "val", data_dir=c.data.data_dir)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"--dataset {c.data.dataset}: {_squash(err, 300)}") from err
+            if c.data.batch_size > len(train_src):
+                raise ConfigError(f"--batch-size {c.data.batch_size} is larger than the "
+                                  f"{len(train_src)} training images; lower it.")
+            self._data = (train_src, getattr(train_src, "labels", None), val_src, None)
+            self.say(f"data: {c.data.dataset} train {len(train_src)} val {len(val_src)} "
+                     f"({time.perf_counter() - t0:.1f}s), decoded by {self.workers} worker(s)")
         if self._data is None:
             c = self.c
             t0 = time.perf_counter()
@@ -126,14 +148,30 @@ class Session:
 
     def loader(self):
         train_x, train_y, _, _ = self.data
+        if self.host:
+            from kd_jax import hostdata
+            return hostdata.HostLoader(train_x, batch_size=self.c.data.batch_size,
+                                       seed=self.c.run.seed, mesh=self.mesh,
+                                       image_size=self.image_shape[0], workers=self.workers)
         return data.TrainLoader(train_x, train_y, batch_size=self.c.data.batch_size,
                                 seed=self.c.run.seed, mesh=self.mesh)
 
     def evaluator(self, preprocess=None):
         _, _, test_x, test_y = self.data
         batch = max(self.devices, self.c.data.eval_batch_size // self.devices * self.devices)
+        batches = None
+        if self.host:
+            from kd_jax import hostdata
+
+            source, test_x = test_x, None
+
+            def batches():
+                return hostdata.eval_batches(source, batch_size=batch, mesh=self.mesh,
+                                             image_size=self.image_shape[0],
+                                             workers=self.workers)
         return loop.make_evaluator(self.mesh, images=test_x, labels=test_y, batch_size=batch,
-                                   dataset=self.c.data.dataset, preprocess=preprocess)
+                                   dataset=self.c.data.dataset, preprocess=preprocess,
+                                   batches=batches)
 
     def _fit(self, states, step_fn, *, loader, epochs, names, phase, run_dir, schedule, meta,
              passes_left=0):
@@ -188,7 +226,8 @@ class Session:
         model = self.model(c.run.teacher)
         loader = self.loader()
         tx, schedule = self.optimizer(c.teacher_epochs_, loader.steps_per_epoch)
-        state = train.create_train_state(model, tx, init_seed=c.run.seed, data_seed=c.run.seed)
+        state = train.create_train_state(model, tx, init_seed=c.run.seed, data_seed=c.run.seed,
+                                         image_shape=self.image_shape)
         states = loop.replicate((state,), self.mesh)
         step = loop.make_supervised_step(self.mesh, dataset=c.data.dataset)
         result = self._fit(states, step, loader=loader, epochs=c.teacher_epochs_,
@@ -307,16 +346,17 @@ class Session:
         for (method, seed), obj in zip(group, objs):
             model = objectives.prepare_student(
                 self.model(c.run.student, shortcut=c.run.student_shortcut), obj,
-                self.teacher_model)
+                self.teacher_model, image_shape=self.image_shape)
             models_.append(model)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                aux_state = objectives.init_state(obj, num_examples=len(train_labels),
-                                                  train_labels=train_labels, seed=seed)
+                aux_state = objectives.init_state(
+                    obj, num_examples=len(self.data[0]), train_labels=train_labels, seed=seed)
             for w in dict.fromkeys(str(w.message) for w in caught):  # one line each
                 self.say(f"warning: {method}/seed{seed}: {w}")
             states.append(train.create_train_state(model, tx, init_seed=seed,
-                                                   data_seed=c.run.seed, aux_state=aux_state))
+                                                   data_seed=c.run.seed, aux_state=aux_state,
+                                                   image_shape=self.image_shape))
         states = loop.replicate(tuple(states), self.mesh)
         if any(o.needs_teacher for o in objs):
             # The frozen teacher runs with its BatchNorm folded into its convolutions.

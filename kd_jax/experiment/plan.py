@@ -17,8 +17,24 @@ __all__ = ["NOT_IN_ANY_KEY", "NOT_IN_STUDENTS_KEY", "NOT_IN_TEACHER_KEY", "key_h
 def validate(config: ExperimentConfig) -> None:
     """Raises :class:`ConfigError` (one line) for every mistake in ``config`` that can be
     caught before anything runs or is written."""
-    from kd_jax import models, objectives
+    from kd_jax import data, models, objectives
     settings = flat(config)
+    try:
+        spec = data.spec(config.data.dataset)
+    except ValueError as err:
+        raise ConfigError(f"--dataset: {err}") from err
+    if spec.host_augmented:
+        for name in ("train_subset", "test_subset"):
+            if settings[name] is not None:
+                raise ConfigError(f"{flag(name)} applies to CIFAR; for {config.data.dataset} "
+                                  "use a smaller image folder (--dataset folder:PATH).")
+    elif settings["image_size"] not in (None, spec.image_size):
+        raise ConfigError(f"--image-size {settings['image_size']}: {config.data.dataset} images "
+                          f"are {spec.image_size} pixels (omit --image-size).")
+    for name in ("image_size", "workers"):
+        if settings[name] is not None and settings[name] < (1 if name == "image_size" else 0):
+            raise ConfigError(f"{flag(name)} must be at least {int(name == 'image_size')}, "
+                              f"got {settings[name]}.")
     for role in ("teacher", "student"):
         arch = settings[role]
         if arch not in models.available():
@@ -121,7 +137,8 @@ def key_hash(obj) -> str:
 # where the data is read from) or that the phase's key holds in resolved form. Everything else
 # of the configuration keys the phase's directory, so a new setting changes the keys unless
 # it is listed here.
-NOT_IN_ANY_KEY = ("log_every", "eval_batch_size", "max_parallel_students", "data_dir")
+NOT_IN_ANY_KEY = ("log_every", "eval_batch_size", "max_parallel_students", "data_dir",
+                  "workers")
 # The teacher phase does not see the students' settings; its epochs are resolved.
 NOT_IN_TEACHER_KEY = NOT_IN_ANY_KEY + (
     "student", "student_shortcut", "methods", "seeds", "seeds_per_method", "temperature",
