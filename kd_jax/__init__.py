@@ -21,7 +21,10 @@ losses/models/checkpoint/parallel):
 - :mod:`kd_jax.parallel` — the ``("data",)`` mesh, shardings, multi-host start-up.
 - :mod:`kd_jax.checkpoint` — Orbax checkpoints with recorded digests.
 - :mod:`kd_jax.pretrained` — the shipped published CIFAR teachers and their preprocessing.
-- :mod:`kd_jax.convert` — PyTorch CIFAR ResNet checkpoints to kd_jax (needs ``[torch]``).
+- :mod:`kd_jax.convert` — PyTorch CIFAR and torchvision ResNet checkpoints to kd_jax (no
+  torch needed).
+- :mod:`kd_jax.hostdata` — ImageNet-scale data decoded and augmented in host workers.
+- :mod:`kd_jax.dot` — DOT's optimiser.
 
 Submodules and the names below are imported on first use (PEP 562), so ``import
 kd_jax.losses`` costs only JAX, not TFDS, Orbax or Flax.
@@ -33,8 +36,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _SUBMODULES = frozenset(
-    ["checkpoint", "convert", "data", "experiment", "losses", "loop", "models", "objectives",
-     "parallel", "pretrained", "train", "writers"]
+    ["checkpoint", "convert", "data", "dot", "experiment", "hostdata", "losses", "loop",
+     "models", "objectives", "parallel", "pretrained", "train", "writers"]
 )
 # Re-exported name -> the submodule that defines it.
 _EXPORTS = {
@@ -90,11 +93,13 @@ __all__ = [
     "data",
     "distill_step",
     "distillation_loss",
+    "dot",
     "dist_loss",
     "dkd_loss",
     "eval_step",
     "experiment",
     "hint_loss",
+    "hostdata",
     "loop",
     "losses",
     "lskd_loss",
