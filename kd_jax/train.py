@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from kd_jax import data
+from kd_jax import data, dot
 from kd_jax.objectives import Objective, cross_entropy, evaluate_objective
 
 __all__ = [
@@ -119,10 +119,23 @@ def make_schedule(config: OptimConfig, *, batch_size: int, steps_per_epoch: int,
 
 
 def make_optimizer(config: OptimConfig, *, batch_size: int, steps_per_epoch: int,
-                   epochs: int) -> optax.GradientTransformation:
-    """The optax optimiser of ``config`` with its schedule (see :class:`OptimConfig`)."""
+                   epochs: int, objective: Objective | None = None
+                   ) -> optax.GradientTransformation:
+    """The optax optimiser of ``config`` with its schedule (see :class:`OptimConfig`).
+
+    An ``objective`` with ``optimizer="dot"`` gets DOT (:func:`kd_jax.dot.dot`) with
+    ``config``'s schedule, momentum and weight decay and the objective's ``delta``; its
+    updates are the pair (task, distill) that :func:`distill_step_many` computes for it.
+    """
     schedule = make_schedule(config, batch_size=batch_size,
                              steps_per_epoch=steps_per_epoch, epochs=epochs)
+    if objective is not None and objective.optimizer == "dot":
+        if config.optimizer != "sgd" or config.nesterov:
+            raise ValueError(f"the DOT objective needs --optimizer sgd without --nesterov (DOT "
+                             f"is SGD with two momenta), got {config.optimizer}"
+                             f"{' with nesterov' if config.nesterov else ''}.")
+        return dot.dot(schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                       **dict(objective.optimizer_args))
     if config.optimizer == "sgd":
         return optax.chain(
             optax.add_decayed_weights(config.weight_decay),
@@ -258,7 +271,11 @@ def _as_teachers(teacher_apply, teacher_variables, teacher_preprocess=None):
 def _student_update(state: TrainState, objective: Objective, images, labels, t_logits,
                     t_features, progress, index=None, key=None):
     """One student's SGD step on ``objective`` given the teacher's outputs; returns the new
-    state, the loss, the accuracy and each term's part of the loss."""
+    state, the loss, the accuracy and each term's part of the loss.
+
+    With ``objective.optimizer == "dot"`` the task and the distillation parts of the loss
+    are differentiated apart (one forward, two cotangents of one ``jax.vjp``) and the
+    state's optimiser (:func:`kd_jax.dot.dot`) receives the pair."""
 
     def loss_fn(params):
         variables = _variables(state, params)
@@ -280,8 +297,24 @@ def _student_update(state: TrainState, objective: Objective, images, labels, t_l
             heads=heads, state=state.aux_state, index=index, key=key)
         return loss, (logits, updates["batch_stats"], parts, aux_state)
 
-    (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    if objective.optimizer == "dot":
+        task_names, distill_names = objective.gradient_parts()
+
+        def split_fn(params):
+            loss, aux = loss_fn(params)
+            zero = jnp.zeros((), jnp.float32)
+            task = sum((aux[2][n] for n in task_names if n in aux[2]), zero)
+            distill = sum((aux[2][n] for n in distill_names if n in aux[2]), zero)
+            return (task, distill), (loss, aux)
+
+        _, vjp_fn, (loss, (logits, batch_stats, parts, aux_state)) = jax.vjp(
+            split_fn, state.params, has_aux=True)
+        one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+        (g_task,), (g_distill,) = vjp_fn((one, zero)), vjp_fn((zero, one))
+        grads = (g_task, g_distill)
+    else:
+        (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     if aux_state is not None:
         state = state.replace(aux_state=jax.lax.stop_gradient(aux_state))

@@ -40,6 +40,9 @@ def _student_objective(method, c):
         if t.warmup_epochs > 0:
             obj = obj.replace_term(t.name, warmup_epochs=min(
                 t.warmup_epochs, t.warmup_epochs * c.schedule.epochs / 240))
+        if t.name == "ctkd":  # issue 24: CTKD's curriculum keeps its share, as the warm-ups
+            e = t.arguments["lambda_epochs"]
+            obj = obj.replace_term(t.name, lambda_epochs=min(e, e * c.schedule.epochs / 240))
     mine = [a for a in c.objective.terms if objectives.parse_override(a)[0] in names]
     return obj.override(*mine)
 
@@ -157,9 +160,12 @@ def test_unknown_method_and_bad_epochs_raise_naming_the_fix():
 POSITIVE = [("kd", "temperature"), ("dkd", "temperature"), ("dist", "gamma"),
             ("dist", "temperature"), ("lskd", "temperature"), ("at", "p"), ("vid", "init_var"),
             ("vid", "eps"), ("cc", "gamma"), ("crd", "dim"), ("crd", "num_negatives"),
-            ("crd", "temperature"), ("reviewkd", "max_mid_channels")]
+            ("crd", "temperature"), ("reviewkd", "max_mid_channels"), ("kdsvd", "k"),
+            ("ctkd", "temperature_min"), ("ctkd", "temperature_range"),
+            ("ctkd", "lambda_epochs")]
 NONNEGATIVE = [("dkd", "alpha"), ("dkd", "beta"), ("dist", "beta"), ("rkd", "distance_weight"),
-               ("rkd", "angle_weight"), ("cc", "order")]
+               ("rkd", "angle_weight"), ("cc", "order"), ("ctkd", "lambda_min"),
+               ("ctkd", "lambda_max")]
 
 
 def _zero(name, key):

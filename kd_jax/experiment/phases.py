@@ -141,10 +141,13 @@ class Session:
     def model(self, arch: str, shortcut=None):
         return models.create(arch, self.num_classes, dtype=self.dtype, shortcut=shortcut)
 
-    def optimizer(self, epochs: int, steps_per_epoch: int):
+    def optimizer(self, epochs: int, steps_per_epoch: int, objective=None):
+        """The optimiser (the objective's own where it declares one, e.g. DOT) and the
+        learning-rate schedule of a phase of ``epochs`` epochs."""
         kw = dict(batch_size=self.c.data.batch_size, steps_per_epoch=steps_per_epoch,
                   epochs=epochs)
-        return train.make_optimizer(self.c.optim, **kw), train.make_schedule(self.c.optim, **kw)
+        return (train.make_optimizer(self.c.optim, objective=objective, **kw),
+                train.make_schedule(self.c.optim, **kw))
 
     def loader(self):
         train_x, train_y, _, _ = self.data
@@ -339,8 +342,8 @@ class Session:
     def _student_pass(self, group, names, pdir, phase, passes_left) -> list[dict]:
         c = self.c
         loader = self.loader()
-        tx, schedule = self.optimizer(c.schedule.epochs, loader.steps_per_epoch)
         objs = [student_objective(m, c) for m, _ in group]
+        _, schedule = self.optimizer(c.schedule.epochs, loader.steps_per_epoch)
         train_labels = self.data[1]
         states, models_ = [], []
         for (method, seed), obj in zip(group, objs):
@@ -350,15 +353,29 @@ class Session:
             models_.append(model)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                aux_state = objectives.init_state(
-                    obj, num_examples=len(self.data[0]), train_labels=train_labels, seed=seed)
+                try:
+                    aux_state = objectives.init_state(
+                        obj, num_examples=len(self.data[0]), train_labels=train_labels,
+                        seed=seed, teacher=self.teacher_model,
+                        teacher_variables=self.teacher_variables)
+                except ValueError as err:  # a term set up from this teacher (OFD) cannot be
+                    if not obj.set_up_from_teacher:
+                        raise
+                    raise ConfigError(f"--method {method}: {err}") from err
             for w in dict.fromkeys(str(w.message) for w in caught):  # one line each
                 self.say(f"warning: {method}/seed{seed}: {w}")
+            # Each student its own optimiser: an objective may declare one (DOT).
+            try:
+                tx, _ = self.optimizer(c.schedule.epochs, loader.steps_per_epoch, obj)
+            except ValueError as err:
+                raise ConfigError(f"--method {method}: {err}") from err
             states.append(train.create_train_state(model, tx, init_seed=seed,
                                                    data_seed=c.run.seed, aux_state=aux_state,
                                                    image_shape=self.image_shape))
         states = loop.replicate(tuple(states), self.mesh)
-        if any(o.needs_teacher for o in objs):
+        # The supervised step takes one gradient; an objective with its own optimiser (DOT's
+        # two gradients) goes through the distillation step.
+        if any(o.needs_teacher or o.optimizer != "default" for o in objs):
             # The frozen teacher runs with its BatchNorm folded into its convolutions.
             step = loop.make_distill_step(self.mesh, objectives=objs,
                                           teacher_apply=models.folded_apply(self.teacher_model),

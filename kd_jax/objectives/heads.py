@@ -206,7 +206,11 @@ class Student(nn.Module):
             if term.spec.head is not None:
                 module = term.spec.head(**term.arguments).clone(parent=self,
                                                                 name=f"head_{term.name}")
-                heads[term.name] = module(s, t, train=train)
+                if term.spec.head_inputs == "pre_relu":
+                    heads[term.name] = module(dict(features), dict(teacher_features),
+                                              train=train)
+                else:
+                    heads[term.name] = module(s, t, train=train)
         return logits, features, heads
 
 

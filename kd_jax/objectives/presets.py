@@ -22,6 +22,10 @@ paper's CIFAR setting; every one adds its term to the cross-entropy with the lab
 ``reviewkd``  CE + min(epoch/20, 1)·HCL through ABF fusion (Chen et al. 2021)
 ``kdsvd``     CE + KDSVD(k=1) over the stages (Lee et al. 2018; mdistiller, in ``more_terms``)
 ``ctkd``      0.1·CE + 0.9·KD at a learned T = 1 + 20·σ(θ), reversed gradient (Li et al. 2023)
+``dot``       0.1·CE + 0.9·KD (T=4), DOT: momenta 0.9 ∓ 0.075 for CE's and KD's gradients
+              (Zhao et al. 2023; mdistiller)
+``ofd``       CE + 0.001·Σ_i 2^-(n-1-i)·partial L2 of 1×1 connectors on the pre-ReLU stage
+              maps, margins from the teacher's BatchNorm (Heo et al. 2019; mdistiller)
 ============  ==================================================================
 """
 
@@ -85,7 +89,9 @@ def resolve(method: str, *, epochs: float, temperature: float | None = None,
       only; the others keep their weights);
     - each warm-up of ``w`` epochs becomes ``min(w, w · epochs / reference_epochs)``: the
       presets' warm-ups are mdistiller's 20 of 240 epochs, which keep their share of a
-      shorter run (2 epochs: 1/6 of an epoch) and are not lengthened in a longer one;
+      shorter run (2 epochs: 1/6 of an epoch) and are not lengthened in a longer one; so
+      does each argument a term declares an epoch count
+      (``register_term(epoch_arguments=...)``: CTKD's ``lambda_epochs``, 10 of 240);
     - the ``"term.key=value"`` overrides of ``terms`` (:meth:`Objective.override`) that name
       a term of this method, in order; the others are skipped, so that one list serves
       several methods.
@@ -108,4 +114,7 @@ def resolve(method: str, *, epochs: float, temperature: float | None = None,
         if t.warmup_epochs > 0:
             obj = obj.replace_term(t.name, warmup_epochs=min(
                 t.warmup_epochs, t.warmup_epochs * epochs / reference_epochs))
+        for key in sorted(t.spec.epoch_arguments):
+            value = t.arguments[key]
+            obj = obj.replace_term(t.name, **{key: min(value, value * epochs / reference_epochs)})
     return obj.override(*[a for a in terms if parse_override(a)[0] in names])

@@ -27,6 +27,11 @@ import jax
 import jax.numpy as jnp
 
 FEATURE_CONVENTIONS = ("post_relu", "pre_relu")
+# The optimisers an objective may ask for: ``"default"`` is the run's (OptimConfig's);
+# ``"dot"`` is DOT (kd_jax.dot), which needs each term's gradient part.
+OPTIMIZERS = ("default", "dot")
+GRADIENT_PARTS = ("task", "distill")
+_OPTIMIZER_ARGUMENTS = {"default": frozenset(), "dot": frozenset({"delta"})}
 
 
 def _hashable(value):
@@ -82,19 +87,21 @@ class Term:
     ``name`` is a registered term (:func:`registered_terms`); ``kwargs`` its keyword
     arguments as ``((key, value), ...)`` (unset ones take the registration's defaults);
     ``warmup_epochs > 0`` ramps the weight linearly from 0 over that many epochs, counted
-    continuously from the step (DKD's and ReviewKD's warm-up). Build one with
-    ``Term.of("kd", 0.9, temperature=4.0)``.
+    continuously from the step (DKD's and ReviewKD's warm-up). ``part`` is the gradient
+    the term's loss belongs to under an objective with ``optimizer="dot"``: ``"task"`` or
+    ``"distill"`` (``None`` otherwise). Build one with ``Term.of("kd", 0.9, temperature=4.0)``.
     """
 
     name: str
     weight: float = 1.0
     kwargs: tuple[tuple[str, Any], ...] = ()
     warmup_epochs: float = 0.0
+    part: str | None = None
 
     @classmethod
     def of(cls, name: str, weight: float = 1.0, *, warmup_epochs: float = 0.0,
-           **kwargs) -> Term:
-        return cls(name, float(weight), _hashable(kwargs), float(warmup_epochs))
+           part: str | None = None, **kwargs) -> Term:
+        return cls(name, float(weight), _hashable(kwargs), float(warmup_epochs), part)
 
     def __post_init__(self):
         spec = _REGISTRY.get(self.name)
@@ -122,6 +129,9 @@ class Term:
         if not math.isfinite(self.warmup_epochs) or self.warmup_epochs < 0:
             raise ValueError(f"term {self.name!r}: warmup_epochs must be finite and >= 0, got "
                              f"{self.warmup_epochs}.")
+        if self.part is not None and self.part not in GRADIENT_PARTS:
+            raise ValueError(f"term {self.name!r}: part must be one of {GRADIENT_PARTS} (or "
+                             f"None), got {self.part!r}.")
 
     @property
     def spec(self) -> TermSpec:
@@ -133,11 +143,12 @@ class Term:
         return {**self.spec.defaults, **dict(self.kwargs)}
 
     def replace(self, **changes) -> Term:
-        """A copy with ``weight``/``warmup_epochs`` and keyword arguments changed."""
+        """A copy with ``weight``/``warmup_epochs``/``part`` and keyword arguments changed."""
         weight = changes.pop("weight", self.weight)
         warmup = changes.pop("warmup_epochs", self.warmup_epochs)
+        part = changes.pop("part", self.part)
         return Term(self.name, float(weight), tuple({**dict(self.kwargs), **changes}.items()),
-                    float(warmup))
+                    float(warmup), part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,14 +156,23 @@ class Objective:
     """What a student minimises: the sum of its terms (each name at most once).
 
     ``features`` picks the stage-map convention of the feature terms, see the module
-    docstring.
+    docstring. ``optimizer`` is a gradient-level capability: ``"default"`` trains with the
+    run's optimiser (one gradient of the summed loss); ``"dot"`` with DOT
+    (:func:`kd_jax.dot.dot`, Zhao et al. 2023): the gradient of the ``"task"`` terms and
+    that of the ``"distill"`` terms (each term's ``part``) are taken apart and get their own
+    momentum; ``optimizer_args`` its arguments (``(("delta", 0.075),)``; momentum, weight
+    decay and schedule are the run's). :func:`kd_jax.train.make_optimizer` builds it.
     """
 
     terms: tuple[Term, ...] = dataclasses.field(default_factory=lambda: (Term("ce"),))
     features: str = "post_relu"
+    optimizer: str = "default"
+    optimizer_args: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "terms", tuple(self.terms))
+        object.__setattr__(self, "optimizer_args",
+                           tuple(sorted(_hashable(dict(self.optimizer_args)))))
         if self.features not in FEATURE_CONVENTIONS:
             raise ValueError(f"features must be one of {FEATURE_CONVENTIONS}, got "
                              f"{self.features!r}.")
@@ -161,6 +181,24 @@ class Objective:
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"each term may appear once in an objective, got {names}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        accepted = _OPTIMIZER_ARGUMENTS[self.optimizer]
+        unknown = sorted(set(dict(self.optimizer_args)) - accepted)
+        if unknown:
+            raise ValueError(f"optimizer {self.optimizer!r} takes no argument "
+                             f"{', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(accepted)) or 'none'}.")
+        if self.optimizer == "dot":
+            missing = [t.name for t in self.terms if t.part is None]
+            if missing:
+                raise ValueError(f"optimizer 'dot' needs each term's gradient part: set "
+                                 f"part='task' or part='distill' on {', '.join(missing)}.")
+        else:
+            parted = [t.name for t in self.terms if t.part is not None]
+            if parted:
+                raise ValueError(f"terms {', '.join(parted)} set a gradient part, which only "
+                                 "optimizer='dot' uses; drop part or use optimizer='dot'.")
 
     def _uses(self, what: str) -> bool:
         return any(what in t.spec.uses for t in self.terms if t.weight > 0)
@@ -179,6 +217,11 @@ class Objective:
         return self._uses("index")
 
     @property
+    def set_up_from_teacher(self) -> bool:
+        """Whether a term's state comes from the teacher's variables (OFD's margins)."""
+        return any("teacher_variables" in t.spec.uses for t in self.terms)
+
+    @property
     def has_heads(self) -> bool:
         return any(t.spec.head is not None for t in self.terms)
 
@@ -188,9 +231,18 @@ class Objective:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON record: the convention and each term with every argument in effect."""
-        return {"features": self.features,
-                "terms": [{"name": t.name, "weight": t.weight, "warmup_epochs": t.warmup_epochs,
-                           **t.arguments} for t in self.terms]}
+        record = {"features": self.features,
+                  "terms": [{"name": t.name, "weight": t.weight,
+                             "warmup_epochs": t.warmup_epochs, **t.arguments,
+                             **({"part": t.part} if t.part is not None else {})}
+                            for t in self.terms]}
+        if self.optimizer != "default":
+            record["optimizer"] = {"name": self.optimizer, **dict(self.optimizer_args)}
+        return record
+
+    def gradient_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The names of the ``"task"`` and of the ``"distill"`` terms (``optimizer="dot"``)."""
+        return tuple(tuple(t.name for t in self.terms if t.part == p) for p in GRADIENT_PARTS)
 
     def term(self, name: str) -> Term:
         for t in self.terms:
@@ -269,7 +321,14 @@ class TermSpec:
     is the old one; no gradient flows into it). ``checks`` the constraint of each numeric
     argument (``"positive"``, ``"unit"`` or ``"nonnegative"``, the default);
     ``shorthands`` the arguments that :func:`kd_jax.objectives.resolve`'s keyword of the
-    same name sets (``"temperature"`` for the logit terms).
+    same name sets (``"temperature"`` for the logit terms); ``epoch_arguments`` the
+    arguments that are a number of epochs of the authors' schedule, which
+    :func:`kd_jax.objectives.resolve` scales to the run's length as it does the warm-ups
+    (CTKD's ``lambda_epochs``). A term whose ``uses`` hold ``"teacher_variables"`` is
+    set up from the teacher: its ``state`` function also receives ``teacher`` (the module)
+    and ``teacher_variables`` (OFD's margins from the teacher's BatchNorm).
+    ``head_inputs="pre_relu"``: the head sees the models' pre-ReLU stage maps whatever the
+    objective's convention.
     """
 
     name: str
@@ -280,10 +339,15 @@ class TermSpec:
     state: Callable[..., Any] | None = None
     checks: Mapping[str, str] = dataclasses.field(default_factory=dict)
     shorthands: frozenset[str] = frozenset()
+    epoch_arguments: frozenset[str] = frozenset()
+    head_inputs: str = "convention"
 
 
 _REGISTRY: dict[str, TermSpec] = {}
-_USES = frozenset({"teacher", "features", "index"})
+_USES = frozenset({"teacher", "features", "index", "teacher_variables"})
+# What a head sees: the stage maps of the objective's convention, or the models' pre-ReLU
+# stage maps whatever the convention (OFD's connectors).
+HEAD_INPUTS = ("convention", "pre_relu")
 
 
 def _declared_checks(name: str, defaults: Mapping[str, Any],
@@ -307,7 +371,8 @@ def _declared_checks(name: str, defaults: Mapping[str, Any],
 def register_term(name: str, fn: Callable | None = None, *, uses: Sequence[str] = ("teacher",),
                   defaults: Mapping[str, Any] | None = None, head: Callable | None = None,
                   state: Callable | None = None, checks: Mapping[str, str] | None = None,
-                  shorthands: Sequence[str] = (), replace: bool = False):
+                  shorthands: Sequence[str] = (), epoch_arguments: Sequence[str] = (),
+                  head_inputs: str = "convention", replace: bool = False):
     """Registers term ``name`` (usable as a decorator on ``fn``). See :class:`TermSpec`.
 
     ``checks`` maps a numeric argument to ``"positive"`` (> 0), ``"unit"`` (in [0, 1]) or
@@ -323,12 +388,24 @@ def register_term(name: str, fn: Callable | None = None, *, uses: Sequence[str] 
         if key not in _SHORTHANDS or key not in defaults:
             raise ValueError(f"term {name!r}: shorthands must be arguments of the term among "
                              f"{', '.join(sorted(_SHORTHANDS))}, got {key!r}.")
+    if head_inputs not in HEAD_INPUTS:
+        raise ValueError(f"term {name!r}: head_inputs must be one of {HEAD_INPUTS}, got "
+                         f"{head_inputs!r}.")
+    if "teacher_variables" in uses and state is None:
+        raise ValueError(f"term {name!r}: uses 'teacher_variables' is for a term whose state "
+                         "is set up from the teacher; pass state=.")
+    for key in epoch_arguments:
+        if key not in defaults or not _is_number(defaults[key]) or \
+                isinstance(defaults[key], int):
+            raise ValueError(f"term {name!r}: epoch_arguments must be float arguments of the "
+                             f"term ({', '.join(sorted(defaults)) or 'none'}), got {key!r}.")
 
     def register(fn):
         if name in _REGISTRY and not replace:
             raise ValueError(f"term {name!r} is already registered; pass replace=True.")
         _REGISTRY[name] = TermSpec(name, fn, frozenset(uses), defaults, head, state, checks,
-                                   frozenset(shorthands))
+                                   frozenset(shorthands), frozenset(epoch_arguments),
+                                   head_inputs)
         return fn
 
     return register if fn is None else register(fn)
@@ -348,16 +425,27 @@ def _post_relu(features):
 
 
 def init_state(objective: Objective, *, num_examples: int | None = None,
-               train_labels=None, seed: int = 0) -> dict[str, Any] | None:
-    """The non-trainable state of ``objective``'s terms (``{term: pytree}``), or ``None``."""
+               train_labels=None, seed: int = 0, teacher: nn.Module | None = None,
+               teacher_variables: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The non-trainable state of ``objective``'s terms (``{term: pytree}``), or ``None``.
+
+    ``teacher`` and ``teacher_variables`` (the frozen teacher's module and variables) are
+    needed by the terms set up from the teacher (``uses`` ``"teacher_variables"``: OFD)."""
     if not objective.has_state:
         return None
     state = {}
     for i, term in enumerate(objective.terms):
-        if term.spec.state is not None:
-            state[term.name] = term.spec.state(
-                num_examples=num_examples, train_labels=train_labels,
-                key=jax.random.fold_in(jax.random.PRNGKey(seed), i), **term.arguments)
+        if term.spec.state is None:
+            continue
+        extra = {}
+        if "teacher_variables" in term.spec.uses:
+            if teacher is None or teacher_variables is None:
+                raise ValueError(f"term {term.name!r} is set up from the teacher: pass "
+                                 "init_state(..., teacher=model, teacher_variables=variables).")
+            extra = {"teacher": teacher, "teacher_variables": teacher_variables}
+        state[term.name] = term.spec.state(
+            num_examples=num_examples, train_labels=train_labels,
+            key=jax.random.fold_in(jax.random.PRNGKey(seed), i), **extra, **term.arguments)
     return state
 
 
