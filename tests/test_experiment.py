@@ -26,14 +26,40 @@ sys.modules["cifar_kd"] = cifar_kd  # dataclasses look their module up
 spec.loader.exec_module(cifar_kd)
 
 
+def _session_dir(tmp_path_factory) -> Path:
+    """A directory shared by every xdist worker of this test session (and only this one)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(tmp_path_factory, name: str, make) -> Path:
+    """``make(path)`` run once per test session, whichever worker asks first; the others wait
+    and reuse the result (the smoke run costs about a minute of CPU)."""
+    import fcntl
+    root = _session_dir(tmp_path_factory)
+    target = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            make(target)
+            (root / f"{name}.done").touch()
+    return target
+
+
 @pytest.fixture(scope="module")
 def fake_cifar(tmp_path_factory):
+    """Mocked CIFAR-10 (1,000 train, 500 test images) under a data dir path that is the same
+    for every module and worker, so that runs keyed by it are shared."""
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(cache)
+    data_dir = _session_dir(tmp_path_factory) / "fake_tfds"
+    data_dir.mkdir(exist_ok=True)
     with tfds.testing.mock_data(
             as_data_source_fn=fake_as_data_source({"train": 1000, "test": 500}, balanced=True)):
-        yield tmp_path_factory.mktemp("tfds")
+        yield data_dir
     if old is None:
         os.environ.pop("XDG_CACHE_HOME")
     else:
@@ -42,11 +68,17 @@ def fake_cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smoke_run(fake_cifar, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
-    argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir", str(workdir),
-            "--no-progress"]
-    assert cifar_kd.main(argv) == 0
-    return workdir, argv
+    """The smoke preset through the CLI, once per session (shared with test_reliability.py);
+    tests that change a workdir work on a copy."""
+    def argv_for(workdir):
+        return ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir", str(workdir),
+                "--no-progress"]
+
+    def make(workdir):
+        assert cifar_kd.main(argv_for(workdir)) == 0
+
+    workdir = _once(tmp_path_factory, "smoke", make)
+    return workdir, argv_for(workdir)
 
 
 def test_smoke_preset_writes_all_four_outputs(smoke_run):
