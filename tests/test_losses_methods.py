@@ -7,6 +7,7 @@ float64 runs inside ``jax.enable_x64(True)`` so x64 never leaks into other test 
 """
 
 import math
+from functools import partial
 
 import chex
 import jax
@@ -177,21 +178,23 @@ class ReferenceTest(chex.TestCase):
         chex.assert_trees_all_close(np.asarray(out), expected, rtol=rtol, atol=1e-12)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(("batch_normalizer", False), ("fixed_normalizer", True))
-    def test_crd_nce_loss(self, fixed):
+    @parameterized.product(fixed=(False, True), method=("auto", "dense", "gather"))
+    def test_crd_nce_loss(self, fixed, method):
         args = crd_inputs()
         z = (700.0, 900.0) if fixed else None
         expected = ref_crd_nce(*args, TEMPERATURE, z)
-        self._check(lambda *a: losses.crd_nce_loss(*a, temperature=TEMPERATURE, normalizers=z),
+        self._check(lambda *a: losses.crd_nce_loss(*a, temperature=TEMPERATURE, normalizers=z,
+                                                   method=method),
                     args, expected)
         assert np.all(expected > 0)
 
     @chex.variants(with_jit=True, without_jit=True)
-    def test_crd_normalizers(self):
+    @parameterized.parameters("auto", "dense", "gather")
+    def test_crd_normalizers(self, method):
         args = crd_inputs(1)
         with jax.enable_x64(True):
-            out = self.variant(lambda *a: losses.crd_normalizers(*a, temperature=TEMPERATURE))(
-                *args)
+            out = self.variant(lambda *a: losses.crd_normalizers(
+                *a, temperature=TEMPERATURE, method=method))(*args)
         chex.assert_trees_all_close(tuple(np.asarray(z) for z in out),
                                     ref_crd_normalizers(*args, TEMPERATURE), rtol=1e-10)
 
@@ -305,6 +308,75 @@ class SamplingTest(chex.TestCase):
         # chi-square with len(allowed) - 1 dof: mean ~20-29; 80 is far in the tail.
         assert chi2 < 80, chi2
 
+    def test_exclusive_negatives_are_exact_uniform_samples_without_replacement(self):
+        # Imbalanced classes (30, 70 and 200 of 300 examples) and K = 90: for a class-2 anchor
+        # K is 90% of the 100 allowed examples, so rows need several blocks of draws.
+        rng = np.random.default_rng(0)
+        labels = rng.permutation(np.repeat([0, 1, 2], [30, 70, 200])).astype(np.int32)
+        rows, k = 3000, 90
+        anchors = np.repeat([np.flatnonzero(labels == c)[0] for c in (0, 1, 2)], rows)
+        out = np.asarray(jax.jit(lambda key, i, y: losses.crd_sample_negatives(
+            key, i, num_examples=300, num_negatives=k, dataset_labels=y))(
+                jax.random.PRNGKey(4), anchors.astype(np.int32), labels))
+        np.testing.assert_array_equal(out[:, 0], anchors)
+        negatives = out[:, 1:]
+        assert np.all(labels[negatives] != labels[anchors][:, None])  # never the anchor's class
+        assert all(len(np.unique(row)) == k for row in negatives)  # no repeats within a row
+        for c in (0, 1, 2):
+            allowed = np.flatnonzero(labels != c)
+            counts = np.bincount(negatives[labels[anchors] == c].ravel(), minlength=300)[allowed]
+            # Each allowed example is in a row with probability p = K / M; the statistic is
+            # chi-square with M - 1 degrees of freedom (rows sum to K): mean M - 1, sd
+            # sqrt(2 (M - 1)); the bound is 7 sd above the mean.
+            p = k / len(allowed)
+            stat = np.sum((counts - rows * p) ** 2 / (rows * p * (1 - p)))
+            dof = len(allowed) - 1
+            assert stat < dof + 7 * math.sqrt(2 * dof), (c, stat)
+
+    def test_every_subset_and_order_of_negatives_is_equally_likely(self):
+        # 3 examples of class 0, 5 of class 1: an anchor of class 0 draws 2 of the 5, so 10
+        # subsets (20 ordered pairs) should each come up 1/10 (1/20) of the time.
+        labels = np.array([1, 0, 1, 1, 0, 1, 0, 1], np.int32)
+        rows = 20000
+        out = np.asarray(jax.jit(lambda key: losses.crd_sample_negatives(
+            key, jnp.full(rows, 1, jnp.int32), num_examples=8, num_negatives=2,
+            dataset_labels=labels))(jax.random.PRNGKey(5)))[:, 1:]
+        allowed = np.flatnonzero(labels == 1)
+        position = np.searchsorted(allowed, out)
+        assert np.all(allowed[position] == out)
+        ordered = np.bincount(position[:, 0] * 5 + position[:, 1], minlength=25)
+        assert np.all(ordered[np.arange(5) * 6] == 0)  # never the same example twice
+        ordered = np.delete(ordered, np.arange(5) * 6)
+        subsets = ordered.reshape(5, 4)  # pair (a, b) and (b, a) summed below
+        pairs = {}
+        for a in range(5):
+            for j, b in enumerate(x for x in range(5) if x != a):
+                pairs[frozenset((a, b))] = pairs.get(frozenset((a, b)), 0) + subsets[a, j]
+        for counts, cells in ((np.array(list(pairs.values())), 10), (ordered, 20)):
+            expected = rows / cells
+            stat = np.sum((counts - expected) ** 2 / expected)
+            assert stat < (cells - 1) + 7 * math.sqrt(2 * (cells - 1)), (cells, stat)
+
+    def test_exclusive_sampler_traced_labels_and_class_order_give_the_same_rows(self):
+        idx = np.array([0, 4, 29, 4], np.int32)
+        key = jax.random.PRNGKey(6)
+        concrete = losses.crd_sample_negatives(key, idx, num_examples=N, num_negatives=12,
+                                               dataset_labels=LABELS)
+        traced = jax.jit(lambda y: losses.crd_sample_negatives(
+            key, idx, num_examples=N, num_negatives=12, dataset_labels=y))(LABELS)
+        order = np.argsort(LABELS, kind="stable")
+        given = jax.jit(lambda y, o: losses.crd_sample_negatives(
+            key, idx, num_examples=N, num_negatives=12, dataset_labels=y, class_order=o))(
+                LABELS, order)
+        np.testing.assert_array_equal(traced, concrete)
+        np.testing.assert_array_equal(given, concrete)
+        # Traced labels with more negatives than other-class examples: repeats, same class
+        # never.
+        over = np.asarray(jax.jit(lambda y: losses.crd_sample_negatives(
+            key, idx, num_examples=N, num_negatives=25, dataset_labels=y))(LABELS))
+        assert np.all(LABELS[over[:, 1:]] != LABELS[idx][:, None])
+        assert all(len(set(row[1:])) == 20 for row in over)
+
     def test_too_many_negatives_for_class_exclusive_sampling_raises(self):
         with pytest.raises(ValueError, match="num_negatives.*exceeds the 20 examples"):
             losses.crd_sample_negatives(jax.random.PRNGKey(0), np.array([0]), num_examples=N,
@@ -366,6 +438,37 @@ def test_crd_gradients_flow_to_embeddings_not_memories(x64):
     grads = jax.jit(jax.grad(lambda ms, mt: jnp.sum(losses.crd_nce_loss(
         s, t, ms, mt, idx, temperature=TEMPERATURE)), argnums=(0, 1)))(m_s, m_t)
     chex.assert_trees_all_equal(grads, (np.zeros_like(m_s), np.zeros_like(m_t)))
+
+
+def test_crd_dense_and_gather_scores_give_the_same_loss_and_gradients(x64):
+    s, t, m_s, m_t, idx = crd_inputs(13)
+    idx[1, 3] = idx[1, 5]  # a repeated negative (the uniform sampler's) counts twice
+    for z in (None, (600.0, 800.0)):
+        def total(a, b, method):
+            return jnp.sum(jnp.arange(1.0, 5.0) * losses.crd_nce_loss(
+                a, b, m_s, m_t, idx, temperature=TEMPERATURE, normalizers=z, method=method))
+        grads = {m: jax.jit(jax.value_and_grad(partial(total, method=m), argnums=(0, 1)))(s, t)
+                 for m in ("dense", "gather")}
+        chex.assert_trees_all_close(grads["dense"], grads["gather"], rtol=1e-12)
+        # Against the plain autodiff of the gathered scores (the implementation before
+        # the gradients were computed in the forward pass).
+        def plain(a, b):
+            sc_s = jnp.einsum("bkd,bd->bk", m_t[idx], a) / TEMPERATURE
+            sc_t = jnp.einsum("bkd,bd->bk", m_s[idx], b) / TEMPERATURE
+            n, k = m_s.shape[0], idx.shape[1] - 1
+            zz = z or (jnp.exp(sc_s).mean() * n, jnp.exp(sc_t).mean() * n)
+            log_c = math.log(k / n + NCE_EPS)
+
+            def nce(sc, log_z):
+                log_p = sc - jax.lax.stop_gradient(log_z)
+                return -(log_p[:, 0] - jnp.logaddexp(log_p[:, 0], log_c) + jnp.sum(
+                    math.log(k / n) - jnp.logaddexp(log_p[:, 1:], log_c), axis=1))
+            return jnp.sum(jnp.arange(1.0, 5.0) * (nce(sc_s, jnp.log(zz[0]))
+                                                   + nce(sc_t, jnp.log(zz[1]))))
+        chex.assert_trees_all_close(grads["dense"][1], jax.grad(plain, argnums=(0, 1))(s, t),
+                                    rtol=1e-10)
+    with pytest.raises(ValueError, match="`method` must be"):
+        losses.crd_nce_loss(s, t, m_s, m_t, idx, method="fast")
 
 
 def test_crd_loss_is_finite_and_exact_for_large_scores(x64):

@@ -28,9 +28,9 @@ Three promises hold for every loss (tested):
   (e.g. a ``[B, 1]`` temperature, which would broadcast the loss to ``[B, B]``) is
   rejected even when traced; the value of a traced scalar cannot be checked.
 
-Families live in private modules (``_logit``, ``_feature``, ``_relational``, ``_crd``,
-``_margin`` (AB, OFD), ``_factor`` (FSP, KDSVD, FT), ``_temperature`` (CTKD), with the shared
-checks in ``_checks``); import the names from here.
+Families live in private modules (``_logit``, ``_feature``, ``_relational``, ``_crd`` and
+``_crd_sampler`` (CRD), ``_margin`` (AB, OFD), ``_factor`` (FSP, KDSVD, FT), ``_temperature``
+(CTKD), with the shared checks in ``_checks``); import the names from here.
 """
 
 # One public name per line, grouped by family (as optax.losses).
@@ -65,7 +65,7 @@ from kd_jax.losses._temperature import gradient_reversal as gradient_reversal
 from kd_jax.losses._crd import crd_memory_update as crd_memory_update
 from kd_jax.losses._crd import crd_nce_loss as crd_nce_loss
 from kd_jax.losses._crd import crd_normalizers as crd_normalizers
-from kd_jax.losses._crd import crd_sample_negatives as crd_sample_negatives
+from kd_jax.losses._crd_sampler import crd_sample_negatives as crd_sample_negatives
 
 # Private, imported here only so that `kd_jax.losses._adaptive_pool_matrix` (used by
 # kd_jax.objectives for pooled feature targets) keeps working; not part of the API.

@@ -1,117 +1,41 @@
-"""Contrastive representation distillation: negative sampling, normalisers, the NCE loss
-and the memory update.
+"""Contrastive representation distillation: the scores, normalisers, NCE loss and memory
+update (the negative sampling is in ``_crd_sampler``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from kd_jax.losses._checks import (
     _as_float,
-    _check_count,
     _check_index_range,
     _check_positive,
     _check_unit,
-    _concrete_array,
     _int_array,
     _l2_normalize,
     _validated,
 )
 
 
-def crd_sample_negatives(
-    key: jax.Array,
-    indices: ArrayLike,
-    *,
-    num_examples: int,
-    num_negatives: int = 16384,
-    dataset_labels: ArrayLike | None = None,
-) -> jax.Array:
-    r"""Contrast indices for CRD: each example's own index, then its negatives.
-
-    Row ``b`` is ``[indices[b], n_1, ..., n_K]`` with :math:`K` = `num_negatives`. Both
-    of RepDistiller's samplers are provided:
-
-    * ``dataset_labels`` given — RepDistiller's default (``CIFAR100InstanceSample``,
-      ``mode='exact'``): the negatives are a uniform sample *without replacement* from
-      the examples of other classes, :math:`\{j : y_j \ne y_{\mathrm{indices}[b]}\}`.
-      No row repeats a negative, and neither the positive nor any example of its class
-      is a negative. RepDistiller falls back to sampling with replacement when
-      :math:`K` exceeds that set; here this raises ``ValueError`` if `dataset_labels` is
-      concrete (checked against the largest class), and gives same-class negatives if it
-      is traced.
-    * ``dataset_labels=None`` — ``ContrastMemory``'s own sampler (used there when no
-      contrast indices are passed): negatives uniform *with replacement* over all
-      `num_examples` examples, so a negative may repeat or equal the positive.
-
-    RepDistiller's ``mode='relax'`` (a random positive of the same class) is not
-    provided. The rows depend on `key` only: the same key gives the same draws. The
-    without-replacement sampler takes the top :math:`K` of i.i.d. Gumbel keys over the
-    allowed examples, so it costs :math:`O(B N)` memory and a top-k over :math:`N`.
-
-    Args:
-      key: a ``jax.random`` key.
-      indices: positions ``[B]`` of the batch's examples in the training set, in
-        ``[0, num_examples)``.
-      num_examples: :math:`N`, the training-set size (rows of the CRD memories).
-      num_negatives: :math:`K \ge 1`; the paper and RepDistiller use 16384.
-      dataset_labels: integer class of every training example, ``[N]``; selects the
-        class-exclusive sampler.
-
-    Returns:
-      int32 indices of shape ``[B, K + 1]``; column 0 is `indices`.
-
-    References:
-      Tian et al., `Contrastive Representation Distillation
-      <https://arxiv.org/abs/1910.10699>`_, ICLR 2020
-    """
-    num_examples = _check_count("num_examples", num_examples)
-    num_negatives = _check_count("num_negatives", num_negatives)
-    indices = _int_array("indices", indices, 1, "example indices")
-    _check_index_range("indices", indices, num_examples)
-    batch = indices.shape[0]
-    if dataset_labels is None:
-        negatives = jax.random.randint(
-            key, (batch, num_negatives), 0, num_examples, dtype=jnp.int32)
-    else:
-        labels = _int_array("dataset_labels", dataset_labels, 1, "class ids")
-        if labels.shape[0] != num_examples:
-            raise ValueError(
-                f"`dataset_labels` must have one class per training example, shape "
-                f"({num_examples},), got {labels.shape}.")
-        concrete = _concrete_array(labels)
-        if concrete is not None:
-            largest = int(np.unique(concrete, return_counts=True)[1].max())
-            if num_negatives > num_examples - largest:
-                raise ValueError(
-                    f"`num_negatives` = {num_negatives} exceeds the {num_examples - largest} "
-                    "examples outside the largest class, so negatives cannot be drawn without "
-                    "replacement; use fewer negatives.")
-        other_class = labels[None, :] != labels[indices][:, None]  # [B, N]
-        gumbel = jax.random.gumbel(key, (batch, num_examples), jnp.float32)
-        _, negatives = jax.lax.top_k(jnp.where(other_class, gumbel, -jnp.inf), num_negatives)
-    return jnp.concatenate(
-        [indices.astype(jnp.int32)[:, None], negatives.astype(jnp.int32)], axis=1)
-
-
-def _crd_log_scores(
+def _crd_inputs(
     student_embedding: ArrayLike,
     teacher_embedding: ArrayLike,
     student_memory: ArrayLike,
     teacher_memory: ArrayLike,
     sample_idx: ArrayLike,
     temperature: float,
-) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """Validated CRD scores ``<memory row, anchor> / T``, two ``[B, K + 1]`` arrays.
+    method: str,
+) -> tuple:
+    """Validated CRD inputs: ``(s, t, m_s, m_t, safe_idx, valid, dense)``.
 
-    Returns ``(student_scores, teacher_scores, valid, N)``: the student anchors scored
-    against the teacher memory, the teacher anchors against the student memory, and
-    whether each row's indices are in range.
+    The arrays in their common float dtype, the memories without gradient (RepDistiller
+    detaches them), the indices clipped into range, whether each row's indices were in
+    range, and whether to score by the dense product.
     """
     s, t = _validated(
         student_embedding, teacher_embedding, ("student_embedding", "teacher_embedding"),
@@ -131,15 +55,41 @@ def _crd_log_scores(
     _check_positive("temperature", temperature)
     num_examples = m_s.shape[0]
     _check_index_range("sample_idx", idx, num_examples)
+    dense = _scores_by_matmul(method, num_examples, idx.shape[1])
     dtype = jnp.promote_types(s.dtype, m_s.dtype)
     valid = jnp.all((idx >= 0) & (idx < num_examples), axis=1)
     safe = jnp.clip(idx, 0, num_examples - 1)
-    # The memories are buffers, not parameters (RepDistiller detaches them).
-    w_t = jax.lax.stop_gradient(m_t.astype(dtype))[safe]  # [B, K + 1, D]
-    w_s = jax.lax.stop_gradient(m_s.astype(dtype))[safe]
-    student_scores = jnp.einsum("bkd,bd->bk", w_t, s.astype(dtype)) / temperature
-    teacher_scores = jnp.einsum("bkd,bd->bk", w_s, t.astype(dtype)) / temperature
-    return student_scores, teacher_scores, valid, num_examples
+    m_s, m_t = (jax.lax.stop_gradient(m.astype(dtype)) for m in (m_s, m_t))
+    return s.astype(dtype), t.astype(dtype), m_s, m_t, safe, valid, dense
+
+
+def _scores(anchor, memory, safe, temperature, dense):
+    """``<memory[safe[b, k]], anchor[b]> / T``, ``[B, K + 1]``."""
+    if dense:  # every row's score, then B (K + 1) of them: no [B, K + 1, D] gather
+        every = jnp.matmul(anchor, memory.T, precision=_HIGHEST)  # [B, N]
+        return jnp.take_along_axis(every, safe, axis=1) / temperature
+    return jnp.einsum("bkd,bd->bk", memory[safe], anchor, precision=_HIGHEST) / temperature
+
+
+# Both paths at full float32 precision: a TF32 or bfloat16 dot would move a score / 0.07 by
+# about 1e-2.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# The dense product scores all N memory rows per anchor, the gather only K + 1 of them but
+# reads B (K + 1) scattered rows of D floats. benchmarks/crd_scores.py (2-core x86 CPU, B = 64,
+# D = 128, K = 16384, loss and gradients): dense 66 ms against gather 517 ms at N = 50,000
+# (N / (K + 1) = 3.1), 250 against 1,108 at 200,000 (12.2), 871 against 561 at 800,000 (48.8).
+# "auto" switches between the last two, at N = 24 (K + 1); the crossing was not bisected.
+_DENSE_MAX_RATIO = 24
+
+
+def _scores_by_matmul(method: str, num_examples: int, row: int) -> bool:
+    """Whether to score by the dense product (a static choice on the shapes)."""
+    if method not in ("auto", "dense", "gather"):
+        raise ValueError(f"`method` must be 'auto', 'dense' or 'gather', got {method!r}.")
+    if method == "auto":
+        return num_examples <= _DENSE_MAX_RATIO * row
+    return method == "dense"
 
 
 def _crd_log_normalizer(scores: jax.Array, num_examples: int) -> jax.Array:
@@ -156,6 +106,7 @@ def crd_normalizers(
     sample_idx: ArrayLike,
     *,
     temperature: float = 0.07,
+    method: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     r"""RepDistiller's estimate of the CRD partition functions from one batch.
 
@@ -166,7 +117,7 @@ def crd_normalizers(
     with :math:`j = ` `sample_idx` and the means over all :math:`B (K + 1)` entries.
     RepDistiller computes these once, on the first batch, and keeps them fixed; do the
     same by calling this at the first step and passing the result as ``normalizers`` to
-    :func:`crd_nce_loss`. Arguments are those of :func:`crd_nce_loss`.
+    :func:`crd_nce_loss`. Arguments (``method`` included) are those of :func:`crd_nce_loss`.
 
     Returns:
       ``(Z_s, Z_t)``, two scalars (no gradient flows through them).
@@ -175,11 +126,12 @@ def crd_normalizers(
       Tian et al., `Contrastive Representation Distillation
       <https://arxiv.org/abs/1910.10699>`_, ICLR 2020
     """
-    scores_s, scores_t, _, n = _crd_log_scores(
+    s, t, m_s, m_t, safe, _, dense = _crd_inputs(
         student_embedding, teacher_embedding, student_memory, teacher_memory, sample_idx,
-        temperature)
-    return (jnp.exp(_crd_log_normalizer(scores_s, n)),
-            jnp.exp(_crd_log_normalizer(scores_t, n)))
+        temperature, method)
+    n = m_s.shape[0]
+    return (jnp.exp(_crd_log_normalizer(_scores(s, m_t, safe, temperature, dense), n)),
+            jnp.exp(_crd_log_normalizer(_scores(t, m_s, safe, temperature, dense), n)))
 
 
 def crd_nce_loss(
@@ -191,6 +143,7 @@ def crd_nce_loss(
     *,
     temperature: float = 0.07,
     normalizers: tuple[ArrayLike, ArrayLike] | None = None,
+    method: str = "auto",
 ) -> jax.Array:
     r"""CRD's NCE loss, both directions, with memory-bank negatives.
 
@@ -234,6 +187,14 @@ def crd_nce_loss(
         :func:`crd_sample_negatives`).
       temperature: :math:`T > 0`; 0.07 in the paper.
       normalizers: ``(Z_s, Z_t)`` scalars > 0, or ``None`` for the batch estimate.
+      method: how the scores are computed, the same values either way: ``"dense"``, one
+        product ``[B, D] x [D, N]`` per memory and a gather of the :math:`B (K + 1)`
+        scores; ``"gather"``, the :math:`B (K + 1)` memory rows gathered; ``"auto"``,
+        dense when :math:`N \le 24 (K + 1)` (measured on CPU: dense wins by 8x at CIFAR's
+        :math:`N` = 50,000, gather at ImageNet-like :math:`N`; ``benchmarks/crd_scores.py``).
+
+    Gradients are reverse-mode only (``jax.grad``/``jax.vjp``; not ``jax.jvp``): each
+    example's gradient rows are computed with the loss, so the backward pass reads no memory.
 
     Returns:
       Per-example loss of shape ``[B]``.
@@ -248,16 +209,33 @@ def crd_nce_loss(
                 f"`normalizers` must be a pair (Z_s, Z_t), got {len(normalizers)} values.")
         for i, z in enumerate(normalizers):
             _check_positive(f"normalizers[{i}]", z)
-    scores_s, scores_t, valid, n = _crd_log_scores(
+    s, t, m_s, m_t, safe, valid, dense = _crd_inputs(
         student_embedding, teacher_embedding, student_memory, teacher_memory, sample_idx,
-        temperature)
+        temperature, method)
     if normalizers is None:
-        log_z_s = _crd_log_normalizer(scores_s, n)
-        log_z_t = _crd_log_normalizer(scores_t, n)
+        log_z = None
     else:
-        log_z_s, log_z_t = (
-            jax.lax.stop_gradient(jnp.log(jnp.asarray(z, scores_s.dtype)))
-            for z in normalizers)
+        log_z = jnp.stack([jnp.log(jnp.asarray(z, s.dtype)) for z in normalizers])
+    loss = _nce_with_gradients(dense, log_z is None)(
+        s, t, m_s, m_t, safe, jnp.zeros(2, s.dtype) if log_z is None else log_z,
+        jnp.asarray(temperature, s.dtype))
+    return jnp.where(valid, loss, jnp.nan)
+
+
+def _nce_forward(s, t, m_s, m_t, safe, log_z, temperature, *, dense, batch_z):
+    """Per-example loss and its gradients in ``s``, ``t`` (``[B, D]``) and ``T`` (``[B]``).
+
+    Example ``b``'s loss depends on row ``b`` of the embeddings only (the normalisers are
+    constants), so its gradient rows come from one pullback of ones, here in the forward
+    pass: the backward pass then reads no memory, so a memory update ordered after the loss
+    (see ``kd_jax.objectives.library._crd``) writes the bank in place; otherwise XLA:CPU
+    copied each 25 MB bank twice per step.
+    """
+    n = m_s.shape[0]
+    scores_s, pull_s = jax.vjp(lambda a: _scores(a, m_t, safe, temperature, dense), s)
+    scores_t, pull_t = jax.vjp(lambda a: _scores(a, m_s, safe, temperature, dense), t)
+    if batch_z:
+        log_z = jnp.stack([_crd_log_normalizer(scores_s, n), _crd_log_normalizer(scores_t, n)])
     k = scores_s.shape[1] - 1
     log_noise = math.log(k / n)  # log(K P_n)
     log_c = math.log(k / n + 1e-7)
@@ -268,8 +246,33 @@ def crd_nce_loss(
         log_d0 = log_noise - jnp.logaddexp(log_p[:, 1:], log_c)
         return -(log_d1 + jnp.sum(log_d0, axis=1))
 
-    loss = nce(scores_s, log_z_s) + nce(scores_t, log_z_t)
-    return jnp.where(valid, loss, jnp.nan)
+    loss, pull = jax.vjp(lambda a, b: nce(a, log_z[0]) + nce(b, log_z[1]), scores_s, scores_t)
+    d_s, d_t = pull(jnp.ones_like(loss))
+    (g_s,), (g_t,) = pull_s(d_s), pull_t(d_t)
+    g_temperature = -(jnp.sum(d_s * scores_s, axis=1) + jnp.sum(d_t * scores_t, axis=1))
+    # The loss made to depend on the gradient rows (never true, NaN included), so that a
+    # write to the memories ordered after the loss is also after the gradients' reads.
+    loss = jnp.where((g_s[:, 0] > jnp.inf) | (g_t[:, 0] > jnp.inf), jnp.nan, loss)
+    return loss, (g_s, g_t, g_temperature / temperature)
+
+
+@functools.lru_cache(maxsize=None)
+def _nce_with_gradients(dense: bool, batch_z: bool):
+    """The per-example NCE loss as a ``custom_vjp`` of :func:`_nce_forward` (reverse mode)."""
+    forward = functools.partial(_nce_forward, dense=dense, batch_z=batch_z)
+
+    @jax.custom_vjp
+    def nce_loss(s, t, m_s, m_t, safe, log_z, temperature):
+        return forward(s, t, m_s, m_t, safe, log_z, temperature)[0]
+
+    def backward(grads, cotangent):
+        g_s, g_t, g_temperature = grads
+        # No gradient reaches the memories, the indices or the normalisers.
+        return (cotangent[:, None] * g_s, cotangent[:, None] * g_t, None, None, None, None,
+                jnp.sum(cotangent * g_temperature))
+
+    nce_loss.defvjp(forward, backward)
+    return nce_loss
 
 
 def crd_memory_update(

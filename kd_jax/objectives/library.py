@@ -126,25 +126,31 @@ def _reviewkd(x: TermInputs, *, max_mid_channels):
 def _crd(x: TermInputs, *, dim, num_negatives, temperature, momentum, sampler):
     st = x.state
     n = st["memory_student"].shape[0]
+    exclusive = ({"dataset_labels": st["labels"], "class_order": st["class_order"]}
+                 if sampler == "class_exclusive" else {})
     idx = losses.crd_sample_negatives(
-        x.key, x.index, num_examples=n, num_negatives=st["negatives"].shape[0],
-        dataset_labels=st["labels"] if sampler == "class_exclusive" else None)
+        x.key, x.index, num_examples=n, num_negatives=st["negatives"].shape[0], **exclusive)
     s, t = x.head["student"], x.head["teacher"]
     # RepDistiller fixes each partition function at its first batch's estimate (0: not yet).
     estimate = jnp.stack(losses.crd_normalizers(s, t, st["memory_student"],
                                                 st["memory_teacher"], idx,
                                                 temperature=temperature))
     z = jnp.where(st["z"] > 0, st["z"], estimate)
-    loss = losses.crd_nce_loss(s, t, st["memory_student"], st["memory_teacher"], idx,
-                               temperature=temperature, normalizers=(z[0], z[1])).mean()
-    # After the loss, the memories take the batch's embeddings (momentum, renormalised).
+    per_example = losses.crd_nce_loss(s, t, st["memory_student"], st["memory_teacher"], idx,
+                                      temperature=temperature, normalizers=(z[0], z[1]))
+    # After the loss, the memories take the batch's embeddings (momentum, renormalised). The
+    # rows written depend on the loss (never true: NaN > inf is false too), so XLA orders the
+    # write after every read of the banks and updates them in place; without it XLA:CPU
+    # copied each bank twice per step.
+    index = x.index + jnp.any(jax.lax.stop_gradient(per_example) > jnp.inf).astype(
+        x.index.dtype)
     s, t = jax.lax.stop_gradient(s), jax.lax.stop_gradient(t)
     new = {**st, "z": jax.lax.stop_gradient(z),
-           "memory_student": losses.crd_memory_update(st["memory_student"], s, x.index,
+           "memory_student": losses.crd_memory_update(st["memory_student"], s, index,
                                                       momentum=momentum),
-           "memory_teacher": losses.crd_memory_update(st["memory_teacher"], t, x.index,
+           "memory_teacher": losses.crd_memory_update(st["memory_teacher"], t, index,
                                                       momentum=momentum)}
-    return loss, new
+    return per_example.mean(), new
 
 
 def _crd_state(*, num_examples, train_labels, key, dim, num_negatives, temperature, momentum,
@@ -172,6 +178,8 @@ def _crd_state(*, num_examples, train_labels, key, dim, num_negatives, temperatu
                                            -bound, bound)
     return {"memory_student": uniform(ks), "memory_teacher": uniform(kt),
             "z": jnp.zeros((2,), jnp.float32), "labels": jnp.asarray(labels),
+            # The examples sorted by class, for the class-exclusive sampler (sorted once here).
+            "class_order": jnp.asarray(np.argsort(labels, kind="stable").astype(np.int32)),
             # The number of negatives per anchor, carried as a shape: a static size.
             "negatives": jnp.zeros((k,), jnp.uint8)}
 
