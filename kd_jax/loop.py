@@ -212,10 +212,11 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                 _check_finite(losses, step - len(fetched), names, checkpointer)
                 sums += [losses.sum(0), accs.sum(0)]
                 seen += len(fetched)
-                terms = _interval_terms(fetched, k)
+                terms, ran = _interval_terms(fetched, k)
                 for i in range(k):
                     for name, value in terms[i].items():
-                        term_sums[i][name] = term_sums[i].get(name, 0.0) + value * len(fetched)
+                        total, count = term_sums[i].get(name, (0.0, 0))
+                        term_sums[i][name] = (total + value * ran[i][name], count + ran[i][name])
                 now = time.perf_counter()
                 rate = (step - interval_start) * loader.batch_size / max(now - t_interval, 1e-9)
                 t_interval, interval_start, pending = now, step, []
@@ -247,7 +248,7 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                           **results[i], "epoch_time_s": epoch_time,
                           "images_per_s": seen * loader.batch_size / epoch_time}
                 if term_sums[i]:
-                    record["terms"] = {t: v / max(seen, 1) for t, v in term_sums[i].items()}
+                    record["terms"] = {t: v / n for t, (v, n) in term_sums[i].items()}
                 history[i].append(record)
                 log(record)
             if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
@@ -262,14 +263,26 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                      resumed_from_step=resumed_from)
 
 
-def _interval_terms(fetched: list[dict], k: int) -> list[dict[str, float]]:
-    """Each student's mean of every term over the fetched steps (``{}`` without terms)."""
-    out = []
+def _interval_terms(fetched: list[dict], k: int
+                    ) -> tuple[list[dict[str, float]], list[dict[str, int]]]:
+    """Each student's mean of every term over the fetched steps in which it ran, and that
+    number of steps (``{}`` without terms). A term that did not run in a step (a first
+    stage's terms after the stage, the objective's own during it) reports NaN there; a term
+    that ran in none of the steps is left out. A NaN of a term that ran makes the loss NaN,
+    which :func:`_check_finite` stops at."""
+    out, counts = [], []
     for i in range(k):
         per_step = [m["terms"][i] for m in fetched if "terms" in m]
         names = per_step[0].keys() if per_step else ()
-        out.append({t: float(np.mean([p[t] for p in per_step])) for t in names})
-    return out
+        means, ran = {}, {}
+        for t in names:
+            values = np.asarray([p[t] for p in per_step], np.float64)
+            n = int(np.sum(~np.isnan(values)))
+            if n:
+                means[t], ran[t] = float(np.nansum(values) / n), n
+        out.append(means)
+        counts.append(ran)
+    return out, counts
 
 
 def _check_finite(losses: np.ndarray, first_step: int, names, checkpointer) -> None:

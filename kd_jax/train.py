@@ -13,7 +13,6 @@ batch, so the results do not depend on the number of devices.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from kd_jax import data, dot
+from kd_jax import data
+from kd_jax.optim import (OptimConfig, in_groups, learning_rate,  # noqa: F401 (re-exported)
+                          make_optimizer, make_schedule)
 from kd_jax.objectives import Objective, cross_entropy, evaluate_objective
 
 __all__ = [
@@ -37,112 +38,13 @@ __all__ = [
     "eval_step",
     "learning_rate",
     "make_optimizer",
+    "make_schedule",
     "stack_states",
     "train_step",
     "unstack_states",
 ]
 
 IMAGE_SHAPE = (32, 32, 3)
-
-
-def _field(default, help: str, **meta):
-    """A dataclass field with its documentation (``help``, ``choices``) as metadata."""
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimiser and learning-rate schedule.
-
-    The peak learning rate is ``lr * batch_size / lr_batch_size`` when ``scale_lr`` (the
-    linear scaling rule, Goyal et al. 2017), else ``lr``. The defaults are the CRD benchmark
-    recipe (Tian et al. 2020; RepDistiller): SGD, momentum 0.9, lr 0.05 at batch 64, weight
-    decay 5e-4, the rate ×0.1 at epochs 150, 180 and 210 of 240 (``milestones`` are
-    fractions of the run: 150/240, 180/240, 210/240).
-
-    Schedules: ``"step"`` (piecewise constant at ``milestones``), ``"cosine"`` (decay to 0),
-    ``"onecycle"`` (optax's one-cycle: warm-up to the peak over 30% of the run, then cosine
-    annealing), ``"constant"``. ``warmup_epochs`` prepends a linear warm-up from 0 to the
-    ``step``, ``cosine`` and ``constant`` schedules. Weight decay is L2 added to the gradient
-    before momentum (as ``torch.optim.SGD``) for SGD, decoupled (AdamW) for Adam.
-    """
-
-    # Each field's metadata is its flag's help (and choices) in kd_jax.experiment's CLI.
-    optimizer: str = _field("sgd", "optimiser", choices=("sgd", "adam"))
-    lr: float = _field(0.05, "learning rate at --lr-batch-size images, scaled linearly with "
-                             "the batch size")
-    lr_batch_size: int = _field(64, "the batch size --lr refers to")
-    scale_lr: bool = _field(True, "scale --lr linearly with the batch size (Goyal et al. 2017)")
-    momentum: float = _field(0.9, "SGD momentum")
-    nesterov: bool = _field(False, "Nesterov momentum")
-    weight_decay: float = _field(5e-4, "weight decay (L2 before momentum for SGD, as "
-                                       "torch.optim.SGD; decoupled for Adam)")
-    schedule: str = _field("step", "learning-rate schedule (step: x--decay-factor at "
-                                   "--milestones, fractions of the run)",
-                           choices=("step", "cosine", "onecycle", "constant"))
-    milestones: tuple[float, ...] = _field((150 / 240, 180 / 240, 210 / 240),
-                                           "step schedule: comma list of fractions of the run")
-    decay_factor: float = _field(0.1, "step schedule: the rate's factor at each milestone")
-    warmup_epochs: float = _field(0.0, "linear warm-up epochs")
-
-
-def learning_rate(config: OptimConfig, batch_size: int) -> float:
-    """The peak learning rate for ``batch_size`` (linear scaling, see :class:`OptimConfig`)."""
-    if config.scale_lr:
-        return config.lr * batch_size / config.lr_batch_size
-    return config.lr
-
-
-def make_schedule(config: OptimConfig, *, batch_size: int, steps_per_epoch: int,
-                  epochs: int) -> optax.Schedule:
-    """The learning rate as a function of the step, for a run of ``epochs`` epochs."""
-    peak = learning_rate(config, batch_size)
-    total = max(1, epochs * steps_per_epoch)
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    if config.schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(total, peak)
-    if config.schedule == "step":
-        boundaries = {int(round(m * total)) - warmup: config.decay_factor
-                      for m in config.milestones}
-        main = optax.piecewise_constant_schedule(peak, boundaries)
-    elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(peak, max(1, total - warmup))
-    elif config.schedule == "constant":
-        main = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of "
-                         "'step', 'cosine', 'onecycle', 'constant'.")
-    if warmup <= 0:
-        return main
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup), main], [warmup])
-
-
-def make_optimizer(config: OptimConfig, *, batch_size: int, steps_per_epoch: int,
-                   epochs: int, objective: Objective | None = None
-                   ) -> optax.GradientTransformation:
-    """The optax optimiser of ``config`` with its schedule (see :class:`OptimConfig`).
-
-    An ``objective`` with ``optimizer="dot"`` gets DOT (:func:`kd_jax.dot.dot`) with
-    ``config``'s schedule, momentum and weight decay and the objective's ``delta``; its
-    updates are the pair (task, distill) that :func:`distill_step_many` computes for it.
-    """
-    schedule = make_schedule(config, batch_size=batch_size,
-                             steps_per_epoch=steps_per_epoch, epochs=epochs)
-    if objective is not None and objective.optimizer == "dot":
-        if config.optimizer != "sgd" or config.nesterov:
-            raise ValueError(f"the DOT objective needs --optimizer sgd without --nesterov (DOT "
-                             f"is SGD with two momenta), got {config.optimizer}"
-                             f"{' with nesterov' if config.nesterov else ''}.")
-        return dot.dot(schedule, momentum=config.momentum, weight_decay=config.weight_decay,
-                       **dict(objective.optimizer_args))
-    if config.optimizer == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(config.weight_decay),
-            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-    if config.optimizer == "adam":
-        return optax.adamw(schedule, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'sgd' or 'adam'.")
 
 
 class TrainState(train_state.TrainState):
@@ -188,6 +90,30 @@ def _augmented_pixels(state: TrainState, batch: dict[str, jax.Array], dataset: s
         return batch["image"]
     key = jax.random.fold_in(state.rng, state.step)
     return data.random_crop_flip(key, batch["image"])
+
+
+def _strong_pixels(state: TrainState, batch: dict[str, jax.Array], dataset: str
+                   ) -> jax.Array:
+    """The step's second, strong view (MLKD): its own crop and flip, then RandAugment
+    (:func:`kd_jax.data.rand_augment`), from a key apart from the first view's."""
+    if data.spec(dataset).host_augmented:
+        raise ValueError(f"a second augmented view (MLKD) is drawn on the device for CIFAR; "
+                         f"{dataset} is augmented by host workers, which draw one view.")
+    crop, rand = jax.random.split(jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                                     2))
+    return data.rand_augment(rand, data.random_crop_flip(crop, batch["image"]))
+
+
+def _views(states, objectives, batch, dataset, teachers):
+    """``((images, teacher_logits),)`` of the strong view if an objective asks for two."""
+    if max(o.views for o in objectives) < 2:
+        return ()
+    applies, variables, preps = teachers
+    pixels = _strong_pixels(states[0], batch, dataset)
+    images = data.normalize(pixels, dataset=dataset)
+    t_logits, _ = teacher_outputs(applies, variables, images, with_features=False,
+                                  pixels=pixels, preprocess=preps)
+    return ((images, t_logits),)
 
 
 def _augmented(state: TrainState, batch: dict[str, jax.Array], dataset: str) -> jax.Array:
@@ -268,19 +194,30 @@ def _as_teachers(teacher_apply, teacher_variables, teacher_preprocess=None):
     return teacher_apply, teacher_variables, teacher_preprocess
 
 
+def _restrict(new, old, groups, classifier=True):
+    """``new`` where a leaf lies in ``groups`` (a stage's), else ``old``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, n, o: n if in_groups(path, groups, classifier=classifier) else o, new, old)
+
+
 def _student_update(state: TrainState, objective: Objective, images, labels, t_logits,
-                    t_features, progress, index=None, key=None):
+                    t_features, progress, index=None, key=None, views=(),
+                    steps_per_epoch: int = 1):
     """One student's SGD step on ``objective`` given the teacher's outputs; returns the new
     state, the loss, the accuracy and each term's part of the loss.
 
     With ``objective.optimizer == "dot"`` the task and the distillation parts of the loss
     are differentiated apart (one forward, two cotangents of one ``jax.vjp``) and the
-    state's optimiser (:func:`kd_jax.dot.dot`) receives the pair."""
+    state's optimiser (:func:`kd_jax.dot.dot`) receives the pair. With a ``stage``, the
+    steps before ``stage.steps(...)`` minimise the stage's terms and change only the
+    stage's parameter groups and their BatchNorm statistics (``jax.lax.cond`` picks the
+    branch). ``views`` are ``(images, teacher_logits)`` of further augmented views (MLKD):
+    the student runs on each after the first, in training mode, as the authors' code does."""
 
-    def loss_fn(params):
+    def loss_fn(params, evaluated: Objective):
         variables = _variables(state, params)
         heads = None
-        if objective.has_heads:
+        if objective.wraps_student:
             (logits, features, heads), updates = state.apply_fn(
                 variables, images, train=True, return_features=True,
                 teacher_features=t_features, mutable=["batch_stats"])
@@ -291,31 +228,71 @@ def _student_update(state: TrainState, objective: Objective, images, labels, t_l
             logits, updates = state.apply_fn(variables, images, train=True,
                                               mutable=["batch_stats"])
             features = None
+        view_logits = []
+        for view_images, view_teacher in views:
+            out, updates = state.apply_fn({"params": params, **updates}, view_images,
+                                          train=True, mutable=["batch_stats"])
+            view_logits.append((out, view_teacher))
         loss, parts, aux_state = evaluate_objective(
-            objective, student_logits=logits, labels=labels, epoch=progress,
+            evaluated, student_logits=logits, labels=labels, epoch=progress,
             teacher_logits=t_logits, student_features=features, teacher_features=t_features,
-            heads=heads, state=state.aux_state, index=index, key=key)
+            heads=heads, state=state.aux_state, index=index, key=key, views=tuple(view_logits))
         return loss, (logits, updates["batch_stats"], parts, aux_state)
 
-    if objective.optimizer == "dot":
-        task_names, distill_names = objective.gradient_parts()
+    def main(state):
+        if objective.optimizer == "dot":
+            task_names, distill_names = objective.gradient_parts()
 
-        def split_fn(params):
-            loss, aux = loss_fn(params)
-            zero = jnp.zeros((), jnp.float32)
-            task = sum((aux[2][n] for n in task_names if n in aux[2]), zero)
-            distill = sum((aux[2][n] for n in distill_names if n in aux[2]), zero)
-            return (task, distill), (loss, aux)
+            def split_fn(params):
+                loss, aux = loss_fn(params, objective)
+                zero = jnp.zeros((), jnp.float32)
+                task = sum((aux[2][n] for n in task_names if n in aux[2]), zero)
+                distill = sum((aux[2][n] for n in distill_names if n in aux[2]), zero)
+                return (task, distill), (loss, aux)
 
-        _, vjp_fn, (loss, (logits, batch_stats, parts, aux_state)) = jax.vjp(
-            split_fn, state.params, has_aux=True)
-        one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-        (g_task,), (g_distill,) = vjp_fn((one, zero)), vjp_fn((zero, one))
-        grads = (g_task, g_distill)
+            _, vjp_fn, (loss, (logits, batch_stats, parts, aux_state)) = jax.vjp(
+                split_fn, state.params, has_aux=True)
+            one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+            (g_task,), (g_distill,) = vjp_fn((one, zero)), vjp_fn((zero, one))
+            grads = (g_task, g_distill)
+        else:
+            (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(state.params, objective)
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats), (
+            loss, logits, parts, aux_state)
+
+    if objective.stage is None:
+        state, (loss, logits, parts, aux_state) = main(state)
     else:
-        (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        stage = objective.stage
+
+        def first(state):
+            (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(state.params, objective.stage_objective)
+            batch_stats = _restrict(batch_stats, state.batch_stats, stage.trains)
+            new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+            # Only the stage's groups move, whatever optimiser the state holds (make_optimizer's
+            # staged one also gives the others zero updates, and keeps the stage's own state).
+            new = new.replace(params=_restrict(new.params, state.params, stage.trains,
+                                               classifier=False))
+            return new, (loss, logits, parts, aux_state)
+
+        # Both branches report every term (NaN where it does not run: kd_jax.loop averages
+        # a term over the steps it ran in) and the same state.
+        names = [t.name for t in objective.all_terms if t.weight > 0]
+
+        def padded(branch):
+            def run(state):
+                state, (loss, logits, parts, aux_state) = branch(state)
+                aux_state = {**(state.aux_state or {}), **(aux_state or {})} or None
+                idle = jnp.full((), jnp.nan, jnp.float32)
+                return state, (loss, logits, {n: parts.get(n, idle) for n in names},
+                               aux_state)
+            return run
+
+        state, (loss, logits, parts, aux_state) = jax.lax.cond(
+            state.step < stage.steps(steps_per_epoch), padded(first),
+            padded(main), state)
     if aux_state is not None:
         state = state.replace(aux_state=jax.lax.stop_gradient(aux_state))
     return state, loss, _accuracy(logits, labels), parts
@@ -364,12 +341,14 @@ def distill_step_many(states: Sequence[TrainState], teacher_variables: Any,
                                            preprocess=preps)
     progress = (states[0].step + 1).astype(jnp.float32) / steps_per_epoch
     key = _term_key(states[0])
+    views = _views(states, objectives, batch, dataset, (applies, variables, preps))
 
     new_states, losses, accuracies, terms = [], [], [], []
     for state, objective in zip(states, objectives):
         state, loss, accuracy, parts = _student_update(
             state, objective, images, labels, t_logits, t_features, progress,
-            index=batch.get("index"), key=key)
+            index=batch.get("index"), key=key, steps_per_epoch=steps_per_epoch,
+            views=views if objective.views > 1 else ())
         new_states.append(state)
         losses.append(loss)
         accuracies.append(accuracy)
@@ -420,10 +399,12 @@ def distill_step_vmap(stacked: TrainState, teacher_variables: Any,
                                            pixels=pixels, preprocess=preps)
     progress = (first.step + 1).astype(jnp.float32) / steps_per_epoch
     key = _term_key(first)
+    views = _views((first,), (objective,), batch, dataset, (applies, variables, preps))
 
     def one(state):
         return _student_update(state, objective, images, labels, t_logits, t_features,
-                               progress, index=batch.get("index"), key=key)
+                               progress, index=batch.get("index"), key=key,
+                               steps_per_epoch=steps_per_epoch, views=views)
 
     new, losses, accuracies, parts = jax.vmap(one)(stacked)
     k = losses.shape[0]

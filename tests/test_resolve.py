@@ -5,6 +5,7 @@ resolve is compared with the experiment's earlier student_objective (copied belo
 preset and a grid of settings: the objectives, hence the runs' results, must be identical.
 """
 
+import dataclasses
 import itertools
 import types
 
@@ -28,9 +29,13 @@ def clean_registry():
 def _student_objective(method, c):
     """experiments/cifar_kd.py's student_objective before resolve (the reference)."""
     obj = objectives.METHODS[method]
-    names = {t.name for t in obj.terms}
+    names = {t.name for t in obj.all_terms}
+    if obj.stage is not None:  # issue 24: a first stage keeps its share, as the warm-ups
+        e = obj.stage.epochs
+        obj = dataclasses.replace(obj, stage=dataclasses.replace(
+            obj.stage, epochs=min(e, e * c.schedule.epochs / 240)))
     if c.objective.temperature is not None:
-        for name in ("kd", "dkd", "dist", "lskd"):
+        for name in ("kd", "dkd", "dist", "lskd", "mlkd"):
             if name in names:
                 obj = obj.replace_term(name, temperature=c.objective.temperature)
     if c.objective.alpha is not None and method == "kd":
@@ -162,7 +167,8 @@ POSITIVE = [("kd", "temperature"), ("dkd", "temperature"), ("dist", "gamma"),
             ("vid", "eps"), ("cc", "gamma"), ("crd", "dim"), ("crd", "num_negatives"),
             ("crd", "temperature"), ("reviewkd", "max_mid_channels"), ("kdsvd", "k"),
             ("ctkd", "temperature_min"), ("ctkd", "temperature_range"),
-            ("ctkd", "lambda_epochs")]
+            ("ctkd", "lambda_epochs"), ("ab", "margin"), ("ft", "p"), ("ft", "channel_power"),
+            ("mlkd", "temperature")]
 NONNEGATIVE = [("dkd", "alpha"), ("dkd", "beta"), ("dist", "beta"), ("rkd", "distance_weight"),
                ("rkd", "angle_weight"), ("cc", "order"), ("ctkd", "lambda_min"),
                ("ctkd", "lambda_max")]

@@ -369,9 +369,15 @@ class Session:
                 tx, _ = self.optimizer(c.schedule.epochs, loader.steps_per_epoch, obj)
             except ValueError as err:
                 raise ConfigError(f"--method {method}: {err}") from err
-            states.append(train.create_train_state(model, tx, init_seed=seed,
-                                                   data_seed=c.run.seed, aux_state=aux_state,
-                                                   image_shape=self.image_shape))
+            state = train.create_train_state(model, tx, init_seed=seed, data_seed=c.run.seed,
+                                             aux_state=aux_state, image_shape=self.image_shape)
+            if any(t.spec.head_from_teacher is not None for t in obj.all_terms):
+                try:  # SimKD's head holds a copy of the teacher's classifier
+                    state = state.replace(params=objectives.heads_from_teacher(
+                        obj, state.params, self.teacher_variables))
+                except ValueError as err:
+                    raise ConfigError(f"--method {method}: {err}") from err
+            states.append(state)
         states = loop.replicate(tuple(states), self.mesh)
         # The supervised step takes one gradient; an objective with its own optimiser (DOT's
         # two gradients) goes through the distillation step.
@@ -400,12 +406,14 @@ class Session:
                 os.path.join(pdir, "students", f"{method}_seed{seed}"), exported,
                 {"arch": c.run.student, "shortcut": c.run.student_shortcut, "method": method,
                  "seed": seed, "objective": obj.as_dict(),
+                 **({"deployed": f"backbone + head_{obj.predicting_term.name} (predicts)"}
+                    if obj.predicting_term is not None else {}),
                  "test_accuracy": hist[-1]["test_accuracy"], "num_classes": self.num_classes,
                  "dataset": c.data.dataset})
             out.append({"arch": c.run.student, "method": method, "seed": seed,
                         "test_accuracy": hist[-1]["test_accuracy"],
                         "best_test_accuracy": max(h["test_accuracy"] for h in hist),
-                        "params": train.num_params(exported["params"]),
+                        "params": objectives.deployed_params(model, state.params),
                         "train_time_s": result.train_time_s, "images_per_s": _steady_rate(hist),
                         "students_in_pass": len(group), "history": hist})
         return out

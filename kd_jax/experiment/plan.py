@@ -88,7 +88,7 @@ def _validate_terms(config: ExperimentConfig) -> None:
     values; every method's objective builds."""
     from kd_jax import objectives
     methods = list(dict.fromkeys(("none",) + tuple(config.objective.methods)))
-    present = {t.name for m in methods for t in objectives.METHODS[m].terms}
+    present = {t.name for m in methods for t in objectives.METHODS[m].all_terms}
     for assignment in config.objective.terms:
         try:
             name, _, _ = objectives.parse_override(assignment)

@@ -30,6 +30,7 @@ from kd_jax.objectives.heads import ReviewFusion
 from kd_jax.objectives.heads import Student
 from kd_jax.objectives.heads import VIDRegressors
 from kd_jax.objectives.heads import backbone_variables
+from kd_jax.objectives.heads import deployed_params
 from kd_jax.objectives.heads import prepare_student
 from kd_jax.objectives.library import cross_entropy
 from kd_jax.objectives.presets import METHODS
@@ -37,14 +38,17 @@ from kd_jax.objectives.presets import from_method
 from kd_jax.objectives.presets import register_method
 from kd_jax.objectives.presets import resolve
 from kd_jax.objectives import more_terms  # noqa: F401, E402  (KDSVD, CTKD: terms and presets)
+from kd_jax.objectives import staged_terms  # noqa: F401, E402  (AB, FT, FSP, SimKD, MLKD)
 from kd_jax.objectives.terms import FEATURE_CONVENTIONS
 from kd_jax.objectives.terms import Objective
+from kd_jax.objectives.terms import Stage
 from kd_jax.objectives.terms import Term
 from kd_jax.objectives.terms import TermInputs
 from kd_jax.objectives.terms import TermSpec
-from kd_jax.objectives.terms import evaluate_objective
-from kd_jax.objectives.terms import init_state
-from kd_jax.objectives.terms import objective_loss
+from kd_jax.objectives.evaluation import evaluate_objective
+from kd_jax.objectives.evaluation import heads_from_teacher
+from kd_jax.objectives.evaluation import init_state
+from kd_jax.objectives.evaluation import objective_loss
 from kd_jax.objectives.terms import parse_override
 from kd_jax.objectives.terms import register_term
 from kd_jax.objectives.terms import registered_terms
@@ -57,6 +61,7 @@ __all__ = [
     "EmbedPair",
     "Objective",
     "ReviewFusion",
+    "Stage",
     "Student",
     "Term",
     "TermInputs",
@@ -64,8 +69,10 @@ __all__ = [
     "VIDRegressors",
     "backbone_variables",
     "cross_entropy",
+    "deployed_params",
     "evaluate_objective",
     "from_method",
+    "heads_from_teacher",
     "init_state",
     "objective_loss",
     "parse_override",

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import losses
-from kd_jax.objectives.terms import Objective, _post_relu
+from kd_jax.objectives.evaluation import _post_relu
+from kd_jax.objectives.terms import Objective
 
 
 # ------------------------------------------------------------------ feature helpers
@@ -176,11 +177,12 @@ class ReviewFusion(nn.Module):
 # ------------------------------------------------------------------ the student with heads
 
 class Student(nn.Module):
-    """A backbone plus the heads of its objective's terms (parameters ``backbone`` and
-    ``head_<term>``).
+    """A backbone plus the heads of its objective's terms, its stage's included (parameters
+    ``backbone`` and ``head_<term>``).
 
-    ``model(x, train)`` is the backbone's prediction alone (evaluation and export use
-    it); ``model(x, train, return_features=True, teacher_features=...)`` returns
+    ``model(x, train)`` is the student's prediction alone (evaluation and export use it):
+    the backbone's, or, for an objective with a predicting term (SimKD), that head's
+    ``"logits"``. ``model(x, train, return_features=True, teacher_features=...)`` returns
     ``(logits, features, heads)``, ``heads[term]`` the term's head output. At
     initialisation (no teacher features) zeros of ``teacher_shapes`` stand in.
     """
@@ -192,7 +194,8 @@ class Student(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False,
                  teacher_features=None):
-        if not return_features:
+        predicting = self.objective.predicting_term
+        if not return_features and predicting is None:
             return self.backbone(x, train=train)
         logits, features = self.backbone(x, train=train, return_features=True)
         if teacher_features is None:
@@ -202,15 +205,21 @@ class Student(nn.Module):
         if self.objective.features == "post_relu":
             s, t = _post_relu(s), _post_relu(t)
         heads = {}
-        for term in self.objective.terms:
-            if term.spec.head is not None:
-                module = term.spec.head(**term.arguments).clone(parent=self,
-                                                                name=f"head_{term.name}")
-                if term.spec.head_inputs == "pre_relu":
-                    heads[term.name] = module(dict(features), dict(teacher_features),
-                                              train=train)
-                else:
-                    heads[term.name] = module(s, t, train=train)
+        for term in self.objective.all_terms:
+            if term.spec.head is None or (not return_features and term is not predicting):
+                continue
+            # A predicting head gives the student's logits: of the backbone's classes.
+            extra = {"num_classes": self.backbone.num_classes} if term.spec.predicts else {}
+            module = term.spec.head(**term.arguments, **extra).clone(
+                parent=self, name=f"head_{term.name}")
+            if term.spec.head_inputs == "pre_relu":
+                heads[term.name] = module(dict(features), dict(teacher_features), train=train)
+            else:
+                heads[term.name] = module(s, t, train=train)
+        if predicting is not None:
+            logits = heads[predicting.name]["logits"]
+        if not return_features:
+            return logits
         return logits, features, heads
 
 
@@ -226,7 +235,7 @@ def prepare_student(student: nn.Module, objective: Objective, teacher: nn.Module
                     image_shape=(32, 32, 3)) -> nn.Module:
     """``student`` wrapped as a :class:`Student` with the heads ``objective`` trains, or
     ``student`` itself when it needs none."""
-    if not objective.has_heads:
+    if not objective.wraps_student:
         return student
     shapes = _feature_shapes(teacher, image_shape)
     s_shapes = _feature_shapes(student, image_shape)
@@ -243,10 +252,29 @@ def prepare_student(student: nn.Module, objective: Objective, teacher: nn.Module
 
 
 def backbone_variables(model: nn.Module, variables: Mapping[str, Any]) -> dict[str, Any]:
-    """The variables of ``model``'s backbone alone: for a :class:`Student` the heads are
-    dropped (what the student predicts with, and what to export); others are returned as
-    they are."""
+    """The variables of the student as deployed: for a :class:`Student` the training heads
+    are dropped (what the student predicts with, and what to export); with a predicting
+    term (SimKD) the backbone plus that head (the projector and the teacher's classifier),
+    as ``{"backbone": ..., "head_<term>": ...}`` trees that ``model.apply`` takes (the
+    backbone's own classifier, unused by the prediction, stays so that they load into the
+    same module; :func:`deployed_params` counts without it). Other models' variables are
+    returned as they are."""
     if not isinstance(model, Student):
         return dict(variables)
-    return {collection: tree["backbone"] for collection, tree in variables.items()
-            if isinstance(tree, Mapping) and "backbone" in tree}
+    predicting = model.objective.predicting_term
+    if predicting is None:
+        return {collection: tree["backbone"] for collection, tree in variables.items()
+                if isinstance(tree, Mapping) and "backbone" in tree}
+    keep = ("backbone", f"head_{predicting.name}")
+    return {collection: {k: tree[k] for k in keep if k in tree}
+            for collection, tree in variables.items() if isinstance(tree, Mapping)}
+
+
+def deployed_params(model: nn.Module, params: Mapping[str, Any]) -> int:
+    """The number of parameters the deployed student predicts with: the backbone's, or for a
+    predicting term (SimKD) the backbone's feature layers plus that head's."""
+    tree = backbone_variables(model, {"params": params})["params"]
+    if isinstance(model, Student) and model.objective.predicting_term is not None:
+        tree = {**tree, "backbone": {k: v for k, v in tree["backbone"].items()
+                                     if k != "classifier"}}
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))

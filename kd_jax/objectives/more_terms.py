@@ -4,10 +4,8 @@ an epoch argument), DOT (KD with the task and distillation gradients apart, an
 objective-level optimiser) and OFD (connectors on the pre-ReLU maps, its margins set up from
 the teacher's BatchNorm).
 
-The other methods of issue 24 have their losses in :mod:`kd_jax.losses` (AB, FT, FSP,
-SimKD, MLKD) but no preset: each needs a capability the design lacks (a first stage; an
-inference head through the teacher's classifier; two views), and a preset without it would
-not be the method.
+The methods that need a first stage, an inference head or a second view (AB, FT, FSP,
+SimKD, MLKD) are in :mod:`kd_jax.objectives.staged_terms`.
 """
 
 from __future__ import annotations

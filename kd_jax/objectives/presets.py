@@ -26,11 +26,17 @@ paper's CIFAR setting; every one adds its term to the cross-entropy with the lab
               (Zhao et al. 2023; mdistiller)
 ``ofd``       CE + 0.001·Σ_i 2^-(n-1-i)·partial L2 of 1×1 connectors on the pre-ReLU stage
               maps, margins from the teacher's BatchNorm (Heo et al. 2019; mdistiller)
+``ab``        first stage (30 epochs): AB on the pre-ReLU maps; then CE (Heo et al. 2019)
+``ft``        first stage: the paraphraser; then CE + 200·FT (Kim et al. 2018)
+``fsp``       first stage: FSP on the feature layers; then CE (Yim et al. 2017)
+``simkd``     SimKD's feature loss; predicts through the teacher's classifier (Chen et al. 2022)
+``mlkd``      0.1·CE (both views) + 0.9·MLKD on a weak and a strong view (Jin et al. 2023)
 ============  ==================================================================
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from kd_jax.objectives import library  # noqa: F401  (registers the terms the presets use)
@@ -92,6 +98,8 @@ def resolve(method: str, *, epochs: float, temperature: float | None = None,
       shorter run (2 epochs: 1/6 of an epoch) and are not lengthened in a longer one; so
       does each argument a term declares an epoch count
       (``register_term(epoch_arguments=...)``: CTKD's ``lambda_epochs``, 10 of 240);
+    - a first stage of ``e`` epochs (AB, FT, FSP: RepDistiller's 30) becomes
+      ``min(e, e · epochs / reference_epochs)`` likewise;
     - the ``"term.key=value"`` overrides of ``terms`` (:meth:`Objective.override`) that name
       a term of this method, in order; the others are skipped, so that one list serves
       several methods.
@@ -102,7 +110,7 @@ def resolve(method: str, *, epochs: float, temperature: float | None = None,
         raise ValueError(f"epochs and reference_epochs must be > 0, got {epochs} and "
                          f"{reference_epochs}.")
     obj = METHODS[method]
-    names = {t.name for t in obj.terms}
+    names = {t.name for t in obj.all_terms}
     if temperature is not None:
         for t in obj.terms:
             if "temperature" in t.spec.shorthands:
@@ -110,6 +118,10 @@ def resolve(method: str, *, epochs: float, temperature: float | None = None,
     if alpha is not None and method == "kd":
         obj = obj.replace_term("ce", weight=1.0 - alpha)
         obj = obj.replace_term("kd", weight=alpha)
+    if obj.stage is not None:
+        e = obj.stage.epochs
+        obj = dataclasses.replace(obj, stage=dataclasses.replace(
+            obj.stage, epochs=min(e, e * epochs / reference_epochs)))
     for t in obj.terms:
         if t.warmup_epochs > 0:
             obj = obj.replace_term(t.name, warmup_epochs=min(

@@ -24,7 +24,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+
+from kd_jax.objectives._arguments import (_SHORTHANDS, _check_argument, _declared_checks,
+                                            _hashable, _is_number)
 
 FEATURE_CONVENTIONS = ("post_relu", "pre_relu")
 # The optimisers an objective may ask for: ``"default"`` is the run's (OptimConfig's);
@@ -32,50 +34,6 @@ FEATURE_CONVENTIONS = ("post_relu", "pre_relu")
 OPTIMIZERS = ("default", "dot")
 GRADIENT_PARTS = ("task", "distill")
 _OPTIMIZER_ARGUMENTS = {"default": frozenset(), "dot": frozenset({"delta"})}
-
-
-def _hashable(value):
-    if isinstance(value, list | tuple):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, Mapping):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value
-
-
-# ------------------------------------------------------------------ argument checks
-
-# The constraints a term may declare on a numeric argument (``register_term(checks=...)``):
-# the test and what the error says when it fails. A numeric argument without one must be >= 0.
-_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "positive": (lambda v: v > 0, "must be > 0"),
-    "unit": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "nonnegative": (lambda v: v >= 0, "must be >= 0"),
-}
-# The keywords of :func:`kd_jax.objectives.resolve` that set an argument of the terms that
-# declare it (``register_term(shorthands=...)``).
-_SHORTHANDS = frozenset({"temperature"})
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_argument(term: str, key: str, value, default, check: str = "nonnegative") -> None:
-    """A numeric argument must be a finite number of its default's kind (an integer for an
-    integer default) passing ``check``; any other one of its default's type."""
-    where = f"term {term!r}: {key}"
-    if not _is_number(default):
-        if not isinstance(value, type(default)):
-            raise ValueError(f"{where} must be a {type(default).__name__} like its default "
-                             f"{default!r}, got {value!r}.")
-        return
-    if not _is_number(value) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}.")
-    if isinstance(default, int) and not isinstance(value, int):
-        raise ValueError(f"{where} must be an integer, got {value!r}.")
-    holds, requirement = _CHECKS[check]
-    if not holds(value):
-        raise ValueError(f"{where} {requirement}, got {value}.")
 
 
 # ------------------------------------------------------------------ terms and objectives
@@ -151,6 +109,58 @@ class Term:
                     float(warmup), part)
 
 
+# The parameter groups a stage may train or an objective may freeze: the backbone (in a
+# stage without its classifier, as RepDistiller's ``get_feat_modules``) and each term's head
+# (``head_<term>``, or a part of it: ``head_<term>/<module>``).
+BACKBONE = "backbone"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A first stage of an objective (RepDistiller's ``init_epochs``): for the first
+    ``epochs`` epochs of the run only the parameters under ``trains`` change, minimising the
+    sum of ``terms``; then the objective's own terms train with the run's optimiser, from
+    fresh optimiser state, over the remaining epochs (the learning-rate schedule runs over
+    those). ``trains`` names parameter groups: ``"backbone"`` (its feature layers: the
+    classifier is left alone) or ``"head_<term>"`` (``"head_<term>/<module>"`` for a part
+    of a head); their BatchNorm statistics move too, nobody else's. The stage's optimiser is
+    the run's kind (SGD: momentum and weight decay) at a constant rate, ``lr_factor`` × the
+    run's peak rate. :func:`kd_jax.objectives.resolve` scales ``epochs`` to the run's length
+    as it does the warm-ups (30 of 240 epochs keep their share of a shorter run)."""
+
+    epochs: float
+    terms: tuple[Term, ...]
+    trains: tuple[str, ...]
+    lr_factor: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "terms", tuple(self.terms))
+        object.__setattr__(self, "trains", tuple(self.trains))
+        object.__setattr__(self, "epochs", float(self.epochs))
+        object.__setattr__(self, "lr_factor", float(self.lr_factor))
+        if not math.isfinite(self.epochs) or self.epochs <= 0:
+            raise ValueError(f"a stage's epochs must be finite and > 0, got {self.epochs}.")
+        if not math.isfinite(self.lr_factor) or self.lr_factor <= 0:
+            raise ValueError(f"a stage's lr_factor must be finite and > 0, got "
+                             f"{self.lr_factor}.")
+        if not self.terms or not self.trains:
+            raise ValueError("a stage needs at least one term and one parameter group to "
+                             "train (trains=('backbone', 'head_<term>', ...)).")
+        if any(t.part is not None for t in self.terms):
+            raise ValueError("a stage's terms take no gradient part (part= is for the main "
+                             "terms under optimizer='dot').")
+
+    def steps(self, steps_per_epoch: int) -> int:
+        """The stage's length in steps: ``epochs × steps_per_epoch``, at least 1."""
+        return max(1, int(round(self.epochs * steps_per_epoch)))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "trains": list(self.trains),
+                "lr_factor": self.lr_factor,
+                "terms": [{"name": t.name, "weight": t.weight, **t.arguments}
+                          for t in self.terms]}
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What a student minimises: the sum of its terms (each name at most once).
@@ -162,12 +172,18 @@ class Objective:
     that of the ``"distill"`` terms (each term's ``part``) are taken apart and get their own
     momentum; ``optimizer_args`` its arguments (``(("delta", 0.075),)``; momentum, weight
     decay and schedule are the run's). :func:`kd_jax.train.make_optimizer` builds it.
+
+    ``stage`` is a first stage (:class:`Stage`: AB, FT, FSP). ``frozen`` names parameter
+    groups (as ``Stage.trains`` does) that the objective's optimiser never changes after
+    any stage: FT's paraphraser, the teacher's classifier inside SimKD's head.
     """
 
     terms: tuple[Term, ...] = dataclasses.field(default_factory=lambda: (Term("ce"),))
     features: str = "post_relu"
     optimizer: str = "default"
     optimizer_args: tuple[tuple[str, Any], ...] = ()
+    stage: Stage | None = None
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "terms", tuple(self.terms))
@@ -178,9 +194,26 @@ class Objective:
                              f"{self.features!r}.")
         if not self.terms:
             raise ValueError("an objective needs at least one term.")
-        names = [t.name for t in self.terms]
+        object.__setattr__(self, "frozen", tuple(self.frozen))
+        names = [t.name for t in self.all_terms]
         if len(set(names)) != len(names):
-            raise ValueError(f"each term may appear once in an objective, got {names}.")
+            raise ValueError(f"each term may appear once in an objective (its stage "
+                             f"included), got {names}.")
+        groups = {BACKBONE} | {f"head_{t.name}" for t in self.all_terms
+                               if t.spec.head is not None}
+        for where, paths in (("frozen", self.frozen),
+                             ("stage trains", self.stage.trains if self.stage else ())):
+            for path in paths:
+                if path.split("/")[0] not in groups:
+                    raise ValueError(f"{where}: {path!r} is not a parameter group of this "
+                                     f"objective; groups: {', '.join(sorted(groups))}.")
+        predicting = [t.name for t in self.all_terms if t.spec.predicts]
+        if len(predicting) > 1 or (predicting and predicting[0] not in
+                                   {t.name for t in self.terms}):
+            raise ValueError(f"at most one of the objective's own terms may give the "
+                             f"student's prediction (an inference head), got {predicting}.")
+        if (self.stage is not None or self.frozen) and self.optimizer != "default":
+            raise ValueError("a stage or frozen parameters need optimizer='default'.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         accepted = _OPTIMIZER_ARGUMENTS[self.optimizer]
@@ -200,8 +233,18 @@ class Objective:
                 raise ValueError(f"terms {', '.join(parted)} set a gradient part, which only "
                                  "optimizer='dot' uses; drop part or use optimizer='dot'.")
 
+    @property
+    def all_terms(self) -> tuple[Term, ...]:
+        """The objective's terms, then its stage's."""
+        return self.terms + (self.stage.terms if self.stage is not None else ())
+
+    @property
+    def stage_objective(self) -> Objective:
+        """What the stage minimises, as an objective of the stage's terms."""
+        return Objective(self.stage.terms, features=self.features)
+
     def _uses(self, what: str) -> bool:
-        return any(what in t.spec.uses for t in self.terms if t.weight > 0)
+        return any(what in t.spec.uses for t in self.all_terms if t.weight > 0)
 
     @property
     def needs_teacher(self) -> bool:
@@ -223,11 +266,27 @@ class Objective:
 
     @property
     def has_heads(self) -> bool:
-        return any(t.spec.head is not None for t in self.terms)
+        return any(t.spec.head is not None for t in self.all_terms)
 
     @property
     def has_state(self) -> bool:
-        return any(t.spec.state is not None for t in self.terms)
+        return any(t.spec.state is not None for t in self.all_terms)
+
+    @property
+    def wraps_student(self) -> bool:
+        """Whether the student is a :class:`~kd_jax.objectives.Student` (heads, a stage or
+        frozen groups: its parameters are then grouped as ``backbone`` and ``head_*``)."""
+        return self.has_heads or self.stage is not None or bool(self.frozen)
+
+    @property
+    def views(self) -> int:
+        """How many augmented views of each batch the objective's terms need (MLKD: 2)."""
+        return max(t.spec.views for t in self.all_terms if t.weight > 0)
+
+    @property
+    def predicting_term(self) -> Term | None:
+        """The term whose head gives the deployed student's prediction (SimKD), if any."""
+        return next((t for t in self.terms if t.spec.predicts), None)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON record: the convention and each term with every argument in effect."""
@@ -238,6 +297,10 @@ class Objective:
                             for t in self.terms]}
         if self.optimizer != "default":
             record["optimizer"] = {"name": self.optimizer, **dict(self.optimizer_args)}
+        if self.stage is not None:
+            record["stage"] = self.stage.as_dict()
+        if self.frozen:
+            record["frozen"] = list(self.frozen)
         return record
 
     def gradient_parts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -245,17 +308,22 @@ class Objective:
         return tuple(tuple(t.name for t in self.terms if t.part == p) for p in GRADIENT_PARTS)
 
     def term(self, name: str) -> Term:
-        for t in self.terms:
+        for t in self.all_terms:
             if t.name == name:
                 return t
         raise KeyError(f"the objective has no term {name!r}; it has "
-                       f"{', '.join(t.name for t in self.terms)}.")
+                       f"{', '.join(t.name for t in self.all_terms)}.")
 
     def replace_term(self, name: str, **changes) -> Objective:
-        """A copy with term ``name``'s weight, warm-up or keyword arguments changed."""
+        """A copy with term ``name``'s (or its stage's term ``name``'s) weight, warm-up or
+        keyword arguments changed."""
         self.term(name)
-        return dataclasses.replace(self, terms=tuple(
-            t.replace(**changes) if t.name == name else t for t in self.terms))
+        swap = lambda terms: tuple(t.replace(**changes) if t.name == name else t  # noqa: E731
+                                   for t in terms)
+        stage = self.stage
+        if stage is not None:
+            stage = dataclasses.replace(stage, terms=swap(stage.terms))
+        return dataclasses.replace(self, terms=swap(self.terms), stage=stage)
 
     def override(self, *assignments: str) -> Objective:
         """Applies ``"term.key=value"`` strings, e.g. ``"kd.temperature=5"``,
@@ -289,9 +357,12 @@ class TermInputs:
 
     ``student_features``/``teacher_features`` follow the objective's convention;
     ``raw_*`` are the models' outputs as they are. ``head`` is the output of the term's
-    own head (a dict), ``state`` its state, ``index`` the examples' positions in the
+    own head (a dict), ``heads`` every term's head output by term (FT's translator meets the
+    paraphraser's factor), ``state`` its state, ``index`` the examples' positions in the
     training set, ``key`` a PRNG key of this step (for sampling), ``epoch`` the (float)
-    epoch count that warm-ups use.
+    epoch count that warm-ups use. ``views`` holds ``(student_logits, teacher_logits)`` of
+    each further augmented view of the batch, for a term registered with ``views=2``
+    (MLKD); the teacher sees each view too.
     """
 
     student_logits: jax.Array
@@ -306,6 +377,8 @@ class TermInputs:
     state: Any = None
     index: jax.Array | None = None
     key: jax.Array | None = None
+    heads: Mapping[str, Mapping[str, jax.Array]] | None = None
+    views: tuple[tuple[jax.Array, jax.Array], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +401,12 @@ class TermSpec:
     set up from the teacher: its ``state`` function also receives ``teacher`` (the module)
     and ``teacher_variables`` (OFD's margins from the teacher's BatchNorm).
     ``head_inputs="pre_relu"``: the head sees the models' pre-ReLU stage maps whatever the
-    objective's convention.
+    objective's convention. ``predicts=True``: the head's ``"logits"`` are the student's
+    prediction, in training and as deployed (SimKD's projector and the teacher's
+    classifier); ``head_from_teacher(head_params, teacher_variables) -> head_params`` sets
+    head parameters from the teacher once, at set-up (:func:`heads_from_teacher`).
+    ``views``: how many augmented views of each batch the term needs (2: a weak and a
+    strong one, MLKD).
     """
 
     name: str
@@ -341,6 +419,9 @@ class TermSpec:
     shorthands: frozenset[str] = frozenset()
     epoch_arguments: frozenset[str] = frozenset()
     head_inputs: str = "convention"
+    predicts: bool = False
+    head_from_teacher: Callable[..., Any] | None = None
+    views: int = 1
 
 
 _REGISTRY: dict[str, TermSpec] = {}
@@ -350,29 +431,13 @@ _USES = frozenset({"teacher", "features", "index", "teacher_variables"})
 HEAD_INPUTS = ("convention", "pre_relu")
 
 
-def _declared_checks(name: str, defaults: Mapping[str, Any],
-                     checks: Mapping[str, str]) -> dict[str, str]:
-    """Every numeric argument's check: the declared one, else ``"nonnegative"``."""
-    for key, check in checks.items():
-        if key not in defaults:
-            raise ValueError(f"term {name!r}: checks names {key!r}, which is not one of its "
-                             f"arguments ({', '.join(sorted(defaults)) or 'none'}).")
-        if check not in _CHECKS:
-            raise ValueError(f"term {name!r}: the check of {key} must be one of "
-                             f"{', '.join(sorted(_CHECKS))}, got {check!r}.")
-        if not _is_number(defaults[key]):
-            raise ValueError(f"term {name!r}: checks apply to numeric arguments; {key}'s "
-                             f"default is {defaults[key]!r}.")
-        _check_argument(name, key, defaults[key], defaults[key], check)  # a default meets it
-    return {key: checks.get(key, "nonnegative") for key, default in defaults.items()
-            if _is_number(default)}
-
-
 def register_term(name: str, fn: Callable | None = None, *, uses: Sequence[str] = ("teacher",),
                   defaults: Mapping[str, Any] | None = None, head: Callable | None = None,
                   state: Callable | None = None, checks: Mapping[str, str] | None = None,
                   shorthands: Sequence[str] = (), epoch_arguments: Sequence[str] = (),
-                  head_inputs: str = "convention", replace: bool = False):
+                  head_inputs: str = "convention", predicts: bool = False,
+                  head_from_teacher: Callable | None = None, views: int = 1,
+                  replace: bool = False):
     """Registers term ``name`` (usable as a decorator on ``fn``). See :class:`TermSpec`.
 
     ``checks`` maps a numeric argument to ``"positive"`` (> 0), ``"unit"`` (in [0, 1]) or
@@ -394,6 +459,10 @@ def register_term(name: str, fn: Callable | None = None, *, uses: Sequence[str] 
     if "teacher_variables" in uses and state is None:
         raise ValueError(f"term {name!r}: uses 'teacher_variables' is for a term whose state "
                          "is set up from the teacher; pass state=.")
+    if (predicts or head_from_teacher is not None) and head is None:
+        raise ValueError(f"term {name!r}: predicts and head_from_teacher need a head.")
+    if views not in (1, 2):
+        raise ValueError(f"term {name!r}: views must be 1 or 2, got {views!r}.")
     for key in epoch_arguments:
         if key not in defaults or not _is_number(defaults[key]) or \
                 isinstance(defaults[key], int):
@@ -405,7 +474,7 @@ def register_term(name: str, fn: Callable | None = None, *, uses: Sequence[str] 
             raise ValueError(f"term {name!r} is already registered; pass replace=True.")
         _REGISTRY[name] = TermSpec(name, fn, frozenset(uses), defaults, head, state, checks,
                                    frozenset(shorthands), frozenset(epoch_arguments),
-                                   head_inputs)
+                                   head_inputs, predicts, head_from_teacher, views)
         return fn
 
     return register if fn is None else register(fn)
@@ -414,81 +483,3 @@ def register_term(name: str, fn: Callable | None = None, *, uses: Sequence[str] 
 def registered_terms() -> dict[str, TermSpec]:
     """Every registered term by name."""
     return dict(_REGISTRY)
-
-
-# ------------------------------------------------------------------ state and evaluation
-
-def _post_relu(features):
-    """Stage maps after their final ReLU (exact for the post-activation ResNet families,
-    whose ``stageN`` is the last block's sum before that ReLU)."""
-    return {k: nn.relu(v) if k.startswith("stage") else v for k, v in features.items()}
-
-
-def init_state(objective: Objective, *, num_examples: int | None = None,
-               train_labels=None, seed: int = 0, teacher: nn.Module | None = None,
-               teacher_variables: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """The non-trainable state of ``objective``'s terms (``{term: pytree}``), or ``None``.
-
-    ``teacher`` and ``teacher_variables`` (the frozen teacher's module and variables) are
-    needed by the terms set up from the teacher (``uses`` ``"teacher_variables"``: OFD)."""
-    if not objective.has_state:
-        return None
-    state = {}
-    for i, term in enumerate(objective.terms):
-        if term.spec.state is None:
-            continue
-        extra = {}
-        if "teacher_variables" in term.spec.uses:
-            if teacher is None or teacher_variables is None:
-                raise ValueError(f"term {term.name!r} is set up from the teacher: pass "
-                                 "init_state(..., teacher=model, teacher_variables=variables).")
-            extra = {"teacher": teacher, "teacher_variables": teacher_variables}
-        state[term.name] = term.spec.state(
-            num_examples=num_examples, train_labels=train_labels,
-            key=jax.random.fold_in(jax.random.PRNGKey(seed), i), **extra, **term.arguments)
-    return state
-
-
-def evaluate_objective(objective: Objective, *, student_logits, labels, epoch,
-                       teacher_logits=None, student_features=None, teacher_features=None,
-                       heads=None, state=None, index=None, key=None
-                       ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-    """``(loss, parts, new_state)``: the batch-mean loss, each term's weighted part of it
-    (``parts[name]``, after the warm-up; they sum to ``loss``) and the updated state."""
-    raw_s, raw_t = student_features, teacher_features
-    if objective.needs_features and objective.features == "post_relu":
-        student_features = _post_relu(student_features)
-        teacher_features = _post_relu(teacher_features)
-    if objective.needs_index and index is None:
-        raise ValueError("this objective (CRD) needs the batch's 'index' (each example's "
-                         "position in the training set); TrainLoader batches carry it.")
-    heads, state = heads or {}, state or {}
-    total, parts, new_state = 0.0, {}, dict(state)
-    for term in objective.terms:
-        if term.weight == 0:
-            continue
-        inputs = TermInputs(student_logits=student_logits, labels=labels, epoch=epoch,
-                            teacher_logits=teacher_logits, student_features=student_features,
-                            teacher_features=teacher_features, raw_student_features=raw_s,
-                            raw_teacher_features=raw_t, head=heads.get(term.name),
-                            state=state.get(term.name), index=index, key=key)
-        value = term.spec.fn(inputs, **term.arguments)
-        if term.spec.state is not None:
-            value, new_state[term.name] = value
-        weight = term.weight
-        if term.warmup_epochs > 0:
-            weight = weight * jnp.minimum(epoch / term.warmup_epochs, 1.0)
-        part = weight * jnp.asarray(value, jnp.float32)
-        parts[term.name] = part
-        total = total + part
-    return total, parts, (new_state or None)
-
-
-def objective_loss(objective: Objective, *, student_logits, student_features,
-                   teacher_logits, teacher_features, labels, epoch, **extra) -> jax.Array:
-    """The batch-mean loss of ``objective`` (see :func:`evaluate_objective`)."""
-    loss, _, _ = evaluate_objective(objective, student_logits=student_logits, labels=labels,
-                                    epoch=epoch, teacher_logits=teacher_logits,
-                                    student_features=student_features,
-                                    teacher_features=teacher_features, **extra)
-    return loss
