@@ -24,6 +24,7 @@ from kd_jax.data._batches import epoch_permutation
 from kd_jax.data._batches import eval_batches
 from kd_jax.data._batches import normalize
 from kd_jax.data._batches import random_crop_flip
+from kd_jax.data._randaugment import rand_augment
 from kd_jax.data._batches import steps_per_epoch
 from kd_jax.data._prepare import _prepare_command  # noqa: F401 — tested directly
 from kd_jax.data._prepare import _unreachable  # noqa: F401 — tested directly
@@ -47,6 +48,7 @@ __all__ = [
     "eval_batches",
     "load_arrays",
     "normalize",
+    "rand_augment",
     "random_crop_flip",
     "num_classes",
     "spec",
