@@ -3,12 +3,19 @@
     python benchmarks/throughput.py                                  # resnet56 -> resnet20
     python benchmarks/throughput.py --students 4 --compare-single    # K students, one teacher pass
     python benchmarks/throughput.py --epoch-check                    # loop overhead vs step time
+    python benchmarks/throughput.py --method-costs --num-classes 100 # every --method against KD
 
 Times each compiled step after a warm-up, with ``block_until_ready``, as the median over
 ``--repeats`` blocks of ``--steps`` steps. The library's distillation step and a
 straightforward Flax step (teacher ``apply`` + student ``value_and_grad`` + optax SGD under one
 ``jax.jit``, nothing else: no augmentation, no metrics) run in alternating blocks, so their
 ratio holds when the machine's speed drifts. Batches are synthetic (random uint8 images).
+
+``--method-costs`` times the distillation step of every preset in
+``kd_jax.objectives.METHODS`` (``none``: the labels-only step, the floor) in alternating blocks
+with the KD step of the same models, and reports each as ms/step and as a multiple of KD (the
+median over blocks of the paired ratio); a preset that fails to build or run is listed with its
+error instead of stopping the run.
 
 Prints a table and, as its last line, one JSON object.
 """
@@ -31,7 +38,7 @@ import optax  # noqa: E402
 
 from kd_jax import data, loop, losses, models, objectives, parallel, train  # noqa: E402
 
-CIFAR10_TRAIN = 50_000
+CIFAR10_TRAIN = 50_000  # CIFAR-10 and CIFAR-100 alike
 
 
 def parse_args(argv=None):
@@ -47,6 +54,16 @@ def parse_args(argv=None):
                    default="bfloat16" if on_accelerator else "float32",
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--method", default="kd", choices=sorted(objectives.METHODS))
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="classes of the models and of the synthetic training set's labels "
+                        "(100: CIFAR-100's shapes)")
+    p.add_argument("--method-costs", action="store_true",
+                   help="time every --method preset against the KD step of the same models")
+    p.add_argument("--methods", default=None,
+                   help="with --method-costs: a comma list of presets (default: all)")
+    p.add_argument("--costs-out", default=None,
+                   help="with --method-costs: write the table to PATH.md and the JSON to "
+                        "PATH.json")
     p.add_argument("--students", type=int, default=1,
                    help="K students distilled in one step (student images/s = K x batch / time)")
     p.add_argument("--students-impl", choices=["loop", "vmap"], default="loop",
@@ -89,23 +106,23 @@ class Bench:
         self.mesh = parallel.make_mesh()
         parallel.check_batch_size(args.batch_size, self.mesh)
         dtype = jnp.dtype(args.dtype)
-        self.teacher = models.create(args.teacher, num_classes=10, dtype=dtype)
-        self.student = models.create(args.student, num_classes=10, dtype=dtype)
+        c = args.num_classes
+        self.teacher = models.create(args.teacher, num_classes=c, dtype=dtype)
+        self.student = models.create(args.student, num_classes=c, dtype=dtype)
         rng = np.random.default_rng(0)
         b = args.batch_size
         images = rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, b).astype(np.int32)
+        labels = rng.integers(0, c, b).astype(np.int32)
         shard = parallel.batch_sharding(self.mesh)
         self.batch = {"image": jax.device_put(images, shard),
                       "label": jax.device_put(labels, shard),
                       "index": jax.device_put(np.arange(b, dtype=np.int32), shard)}
         # The training set's labels, for objectives with state (CRD's memory bank).
-        self.train_labels = np.arange(CIFAR10_TRAIN, dtype=np.int32) % 10
+        self.train_labels = np.arange(CIFAR10_TRAIN, dtype=np.int32) % c
         self.float_images = jax.device_put(
             np.asarray(data.normalize(jnp.asarray(images), dataset="cifar10")), shard)
         self.steps_per_epoch = CIFAR10_TRAIN // b
-        self.tx = train.make_optimizer(train.OptimConfig(lr=0.05), batch_size=b,
-                                       steps_per_epoch=self.steps_per_epoch, epochs=240)
+        self.tx = self.optimizer()
         tvars = self.teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
         self.tvars = loop.replicate({"params": tvars["params"],
                                      "batch_stats": tvars["batch_stats"]}, self.mesh)
@@ -114,19 +131,29 @@ class Bench:
         self.teacher_apply = (self.teacher.apply if args.no_fold_teacher
                               else models.folded_apply(self.teacher))
 
-    def students(self, k):
-        model = objectives.prepare_student(self.student, self.objective, self.teacher)
+    def optimizer(self, objective=None):
+        return train.make_optimizer(train.OptimConfig(lr=0.05), batch_size=self.args.batch_size,
+                                    steps_per_epoch=self.steps_per_epoch, epochs=240,
+                                    objective=objective)
+
+    def students(self, k, objective=None):
+        objective = objective or self.objective
+        model = objectives.prepare_student(self.student, objective, self.teacher)
+        tx = self.optimizer(objective)
         return loop.replicate(tuple(
             train.create_train_state(
-                model, self.tx, init_seed=i, data_seed=0,
-                aux_state=objectives.init_state(self.objective, num_examples=CIFAR10_TRAIN,
-                                                train_labels=self.train_labels, seed=i))
+                model, tx, init_seed=i, data_seed=0,
+                aux_state=objectives.init_state(objective, num_examples=CIFAR10_TRAIN,
+                                                train_labels=self.train_labels, seed=i,
+                                                teacher=self.teacher,
+                                                teacher_variables=self.tvars))
             for i in range(k)), self.mesh)
 
-    def library_distill(self, k, impl):
+    def library_distill(self, k, impl, objective=None):
         """(step: carry -> carry, carry, compile seconds) for the library's K-student step."""
-        states = self.students(k)
-        fn = loop.make_distill_step(self.mesh, objectives=[self.objective] * k,
+        objective = objective or self.objective
+        states = self.students(k, objective)
+        fn = loop.make_distill_step(self.mesh, objectives=[objective] * k,
                                     teacher_apply=self.teacher_apply, dataset="cifar10",
                                     steps_per_epoch=self.steps_per_epoch, impl=impl)
         compiled, seconds = _compile_seconds(fn, states, self.tvars, self.batch)
@@ -251,6 +278,62 @@ def sweep(bench, ks, out):
     print(json.dumps(out))
 
 
+def method_costs(bench, out):
+    """Every preset's step against the KD step of the same models, in alternating blocks."""
+    args = bench.args
+    names = (args.methods.split(",") if args.methods else list(objectives.METHODS))
+    kd_step, kd_carry, _ = bench.library_distill(1, "loop", objectives.METHODS["kd"])
+    kd_carry, _ = _timed(kd_step, kd_carry, 2)
+    rows = []
+    for name in names:
+        row = {"method": name}
+        try:
+            objective = objectives.METHODS[name]
+            if objective.needs_teacher or objective.optimizer != "default":
+                step, carry, compile_s = bench.library_distill(1, "loop", objective)
+            else:  # as the experiment: a labels-only objective takes the supervised step
+                (step, carry), compile_s = bench.library_train(), None
+            carry, _ = _timed(step, carry, 2)
+            times, kd_times = [], []
+            for _ in range(args.repeats):
+                carry, t = _timed(step, carry, args.steps)
+                kd_carry, t_kd = _timed(kd_step, kd_carry, args.steps)
+                times.append(t)
+                kd_times.append(t_kd)
+            del carry
+            row.update(step_ms=1e3 * statistics.median(times),
+                       kd_step_ms=1e3 * statistics.median(kd_times),
+                       times_kd=statistics.median(t / k for t, k in zip(times, kd_times)),
+                       compile_s=compile_s)
+        except Exception as err:  # a preset that cannot be built here is reported, not fatal
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    device = jax.devices()[0]
+    title = (f"{device.device_kind} x {jax.device_count()}, {args.dtype}, batch "
+             f"{args.batch_size}, {args.teacher} -> {args.student}, {args.num_classes} classes, "
+             f"memory bank N = {CIFAR10_TRAIN:,}; {args.repeats} paired blocks of {args.steps} "
+             "steps")
+    lines = [f"Method costs ({title})", "", "| method | ms/step | KD ms/step (same blocks) "
+             "| × KD |", "|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | not built: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['kd_step_ms']:.1f} | "
+                         f"{r['times_kd']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    out.update(num_classes=args.num_classes, num_examples=CIFAR10_TRAIN, steps=args.steps,
+               repeats=args.repeats, method_costs=rows)
+    if args.costs_out:
+        with open(args.costs_out + ".md", "w") as f:
+            f.write(table + "\n")
+        with open(args.costs_out + ".json", "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+
+
 def main(argv=None):
     args = parse_args(argv)
     bench = Bench(args)
@@ -264,6 +347,9 @@ def main(argv=None):
 
     if args.sweep:
         sweep(bench, [int(x) for x in args.sweep.split(",")], out)
+        return
+    if args.method_costs:
+        method_costs(bench, out)
         return
     step_fn, states, compile_s = bench.library_distill(k, args.students_impl)
     if args.no_baseline:
