@@ -34,13 +34,16 @@ reference's ``np.random.uniform(w)`` draws from ``(1, W]``, not ``[0, W)``); cor
 ``x0 = int(max(0, c - s / 2))``; PIL's ``rectangle`` fills columns ``x0 .. int(min(W, x0 + s))``
 inclusive (likewise rows) with ``(125, 123, 114)``, so at most ``int(s) + 1 <= 16`` pixels a side.
 
-Exact PIL results (for the same draws) for every op but AutoContrast, and for Cutout; checked
-against Pillow 13 on random 32x32 images. Rotate and shears follow PIL's 16.16 fixed-point path,
-its six coefficients rounded from float32 rather than double (a coefficient may differ by one
-1/65536 unit); translations floor in float32 where PIL uses double. AutoContrast uses the exact
-rational floor: PIL's double ``int(x * scale + offset)`` is one lower where the exact value is an
-integer at 12094 of the (lo, hi, x) triples (it maps ``hi`` to 254 for 4852 of the 32640 (lo, hi)
-pairs), so it can differ from PIL by 1 there.
+Exact PIL results (for the same draws) for every op but AutoContrast and the blends, and for
+Cutout, checked against Pillow 13 on random 32x32 images. Rotate and shears follow PIL's 16.16
+fixed-point path, its six coefficients rounded from float32 rather than double (a coefficient
+may differ by one 1/65536 unit); translations floor in float32 where PIL uses double.
+AutoContrast uses the exact rational floor: PIL's double ``int(x * scale + offset)`` is one
+lower where the exact value is an integer, at 12094 of the (lo, hi, x) triples (it maps ``hi``
+to 254 for 4852 of the 32640 (lo, hi) pairs), so it can differ from PIL by 1 there. Blends: XLA
+may fuse ``d + v (x - d)`` into one multiply-add (it did on the x86 CPU this was tested on),
+rounding once where PIL rounds twice, so a pixel whose value lies within a float32 rounding of
+an integer can be 1 lower (e.g. ``103 + 0.93 * -100`` gives 9, PIL 10).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def _gray(x):
 
 
 def _blend(degenerate, x, factor):
+    # XLA may contract this into a fused multiply-add (PIL rounds the product first): see the
+    # module docstring.
     out = jnp.floor(degenerate.astype(jnp.float32) + factor * (x - degenerate).astype(jnp.float32))
     return jnp.clip(out, 0, 255).astype(jnp.int32)
 
@@ -226,10 +231,10 @@ def _augment_one(key: jax.Array, image: jax.Array, num_ops: int) -> jax.Array:
     lo, hi = jnp.asarray(RANGES, jnp.float32).T
     u = jax.random.uniform(key_values, (num_ops,))
     values = lo[indices] + (hi[indices] - lo[indices]) * u
-    for i in range(num_ops):
-        # The barrier keeps XLA from fusing one op's 14-way select into each of the next
-        # op's 14 branches (recomputing it per branch: 8x slower at num_ops=2 on CPU).
-        image = jax.lax.optimization_barrier(_apply_op(indices[i], image, values[i]))
+    # A scan, not a Python loop: unrolled, XLA fuses one op's 14-way select into the next
+    # op's 14 branches, 4-8x slower at num_ops=2 on CPU (under vmap every branch runs).
+    image, _ = jax.lax.scan(
+        lambda x, op: (_apply_op(op[0], x, op[1]), None), image, (indices, values))
     u_side, u_x, u_y = jax.random.uniform(key_cut, (3,))
     # The reference's np.random.uniform(w) is uniform(low=w, high=1): a centre in (1, w].
     return _cutout(image, 0.5 * u_side * w, w - (w - 1) * u_x, h - (h - 1) * u_y)
