@@ -181,20 +181,18 @@ class StagedState(NamedTuple):
 def staged(stage_tx: optax.GradientTransformation, main_tx: optax.GradientTransformation,
            stage_steps: int) -> optax.GradientTransformation:
     """``stage_tx`` for the first ``stage_steps`` updates, then ``main_tx`` from its initial
-    state (each keeps its own state; one runs per step)."""
+    state (each keeps its own state, which only its own steps change)."""
 
     def init(params):
         return StagedState(jnp.zeros((), jnp.int32), stage_tx.init(params), main_tx.init(params))
 
     def update(updates, state, params=None):
-        def in_stage(_):
-            u, s = stage_tx.update(updates, state.stage, params)
-            return u, StagedState(state.count + 1, s, state.main)
-
-        def in_main(_):
-            u, m = main_tx.update(updates, state.main, params)
-            return u, StagedState(state.count + 1, state.stage, m)
-
-        return jax.lax.cond(state.count < stage_steps, in_stage, in_main, None)
+        # Both computed, one kept (elementwise work; a lax.cond is slow on XLA:CPU).
+        in_stage = state.count < stage_steps
+        stage_updates, stage_state = stage_tx.update(updates, state.stage, params)
+        main_updates, main_state = main_tx.update(updates, state.main, params)
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(in_stage, x, y), a, b)  # noqa: E731
+        return pick(stage_updates, main_updates), StagedState(
+            state.count + 1, pick(stage_state, state.stage), pick(state.main, main_state))
 
     return optax.GradientTransformation(init, update)

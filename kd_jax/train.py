@@ -210,11 +210,11 @@ def _student_update(state: TrainState, objective: Objective, images, labels, t_l
     are differentiated apart (one forward, two cotangents of one ``jax.vjp``) and the
     state's optimiser (:func:`kd_jax.dot.dot`) receives the pair. With a ``stage``, the
     steps before ``stage.steps(...)`` minimise the stage's terms and change only the
-    stage's parameter groups and their BatchNorm statistics (``jax.lax.cond`` picks the
-    branch). ``views`` are ``(images, teacher_logits)`` of further augmented views (MLKD):
+    stage's parameter groups and their BatchNorm statistics (one forward pass; both
+    objectives are evaluated on it and the step's is selected). ``views`` are ``(images, teacher_logits)`` of further augmented views (MLKD):
     the student runs on each after the first, in training mode, as the authors' code does."""
 
-    def loss_fn(params, evaluated: Objective):
+    def forward(params):
         variables = _variables(state, params)
         heads = None
         if objective.wraps_student:
@@ -233,18 +233,25 @@ def _student_update(state: TrainState, objective: Objective, images, labels, t_l
             out, updates = state.apply_fn({"params": params, **updates}, view_images,
                                           train=True, mutable=["batch_stats"])
             view_logits.append((out, view_teacher))
-        loss, parts, aux_state = evaluate_objective(
+        return logits, features, heads, updates["batch_stats"], tuple(view_logits)
+
+    def evaluate(evaluated: Objective, logits, features, heads, view_logits):
+        return evaluate_objective(
             evaluated, student_logits=logits, labels=labels, epoch=progress,
             teacher_logits=t_logits, student_features=features, teacher_features=t_features,
-            heads=heads, state=state.aux_state, index=index, key=key, views=tuple(view_logits))
-        return loss, (logits, updates["batch_stats"], parts, aux_state)
+            heads=heads, state=state.aux_state, index=index, key=key, views=view_logits)
+
+    def loss_fn(params):
+        logits, features, heads, batch_stats, view_logits = forward(params)
+        loss, parts, aux_state = evaluate(objective, logits, features, heads, view_logits)
+        return loss, (logits, batch_stats, parts, aux_state)
 
     def main(state):
         if objective.optimizer == "dot":
             task_names, distill_names = objective.gradient_parts()
 
             def split_fn(params):
-                loss, aux = loss_fn(params, objective)
+                loss, aux = loss_fn(params)
                 zero = jnp.zeros((), jnp.float32)
                 task = sum((aux[2][n] for n in task_names if n in aux[2]), zero)
                 distill = sum((aux[2][n] for n in distill_names if n in aux[2]), zero)
@@ -257,42 +264,41 @@ def _student_update(state: TrainState, objective: Objective, images, labels, t_l
             grads = (g_task, g_distill)
         else:
             (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
-                loss_fn, has_aux=True)(state.params, objective)
+                loss_fn, has_aux=True)(state.params)
         return state.apply_gradients(grads=grads, batch_stats=batch_stats), (
             loss, logits, parts, aux_state)
 
     if objective.stage is None:
         state, (loss, logits, parts, aux_state) = main(state)
     else:
+        # One forward pass, both objectives evaluated on it, the stage's selected while it
+        # lasts (a jax.lax.cond around the two updates ran 20x slower on XLA:CPU).
         stage = objective.stage
+        in_stage = state.step < stage.steps(steps_per_epoch)
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(in_stage, x, y), a, b)  # noqa: E731
+        idle = jnp.full((), jnp.nan, jnp.float32)
 
-        def first(state):
-            (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
-                loss_fn, has_aux=True)(state.params, objective.stage_objective)
-            batch_stats = _restrict(batch_stats, state.batch_stats, stage.trains)
-            new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-            # Only the stage's groups move, whatever optimiser the state holds (make_optimizer's
-            # staged one also gives the others zero updates, and keeps the stage's own state).
-            new = new.replace(params=_restrict(new.params, state.params, stage.trains,
-                                               classifier=False))
-            return new, (loss, logits, parts, aux_state)
+        def staged_fn(params):
+            logits, features, heads, batch_stats, view_logits = forward(params)
+            first = evaluate(objective.stage_objective, logits, features, heads, view_logits)
+            then = evaluate(objective, logits, features, heads, view_logits)
+            # Every term reported each step: NaN where it does not run (kd_jax.loop
+            # averages a term over the steps it ran in).
+            parts = {**{n: jnp.where(in_stage, idle, v) for n, v in then[1].items()},
+                     **{n: jnp.where(in_stage, v, idle) for n, v in first[1].items()}}
+            aux = None if then[2] is None else pick(first[2], then[2])
+            # In the stage only its groups' BatchNorm statistics move.
+            batch_stats = pick(_restrict(batch_stats, state.batch_stats, stage.trains),
+                               batch_stats)
+            return jnp.where(in_stage, first[0], then[0]), (logits, batch_stats, parts, aux)
 
-        # Both branches report every term (NaN where it does not run: kd_jax.loop averages
-        # a term over the steps it ran in) and the same state.
-        names = [t.name for t in objective.all_terms if t.weight > 0]
-
-        def padded(branch):
-            def run(state):
-                state, (loss, logits, parts, aux_state) = branch(state)
-                aux_state = {**(state.aux_state or {}), **(aux_state or {})} or None
-                idle = jnp.full((), jnp.nan, jnp.float32)
-                return state, (loss, logits, {n: parts.get(n, idle) for n in names},
-                               aux_state)
-            return run
-
-        state, (loss, logits, parts, aux_state) = jax.lax.cond(
-            state.step < stage.steps(steps_per_epoch), padded(first),
-            padded(main), state)
+        (loss, (logits, batch_stats, parts, aux_state)), grads = jax.value_and_grad(
+            staged_fn, has_aux=True)(state.params)
+        new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        # Only the stage's groups move in it, whatever optimiser the state holds
+        # (make_optimizer's staged one also gives the others zero updates).
+        state = new.replace(params=pick(_restrict(new.params, state.params, stage.trains,
+                                                  classifier=False), new.params))
     if aux_state is not None:
         state = state.replace(aux_state=jax.lax.stop_gradient(aux_state))
     return state, loss, _accuracy(logits, labels), parts

@@ -10,8 +10,6 @@ first stage, ``Objective.frozen`` for parameters that never train after it,
 
 from __future__ import annotations
 
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,21 +17,17 @@ import jax.numpy as jnp
 from kd_jax import losses
 from kd_jax.objectives.heads import _batch_norm, _pool_to, _torch_default
 from kd_jax.objectives.library import cross_entropy
+from kd_jax.objectives.more_terms import _stage_order
 from kd_jax.objectives.presets import register_method
 from kd_jax.objectives.terms import Objective, Stage, Term, TermInputs, register_term
 
 
-def _stages(features) -> list[str]:
-    return sorted((k for k in features if re.fullmatch(r"stage\d+", k)),
-                  key=lambda k: int(k[5:]))
-
-
 def _common_stages(student_features, teacher_features) -> list[str]:
-    return [k for k in _stages(student_features) if k in teacher_features]
+    return [k for k in _stage_order(student_features) if k in teacher_features]
 
 
 def _last_stage(features) -> str:
-    return _stages(features)[-1]
+    return _stage_order(features)[-1]
 
 
 def _leaky(x):

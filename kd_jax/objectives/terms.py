@@ -281,7 +281,7 @@ class Objective:
     @property
     def views(self) -> int:
         """How many augmented views of each batch the objective's terms need (MLKD: 2)."""
-        return max(t.spec.views for t in self.all_terms if t.weight > 0)
+        return max((t.spec.views for t in self.all_terms if t.weight > 0), default=1)
 
     @property
     def predicting_term(self) -> Term | None:
