@@ -137,6 +137,12 @@ def test_simkd_predicts_through_its_projector_and_the_teachers_frozen_classifier
     head = state.params["head_simkd"]
     for k in ("kernel", "bias"):
         np.testing.assert_array_equal(head["classifier"][k], tvars["params"]["classifier"][k])
+    # A copy, not the teacher's buffer: the student's state is donated to its step (the
+    # experiment's jit), which must not delete the teacher's variables.
+    fresh = objectives.heads_from_teacher(obj, state.params, tvars)["head_simkd"]["classifier"]
+    for k in ("kernel", "bias"):
+        assert fresh[k].unsafe_buffer_pointer() != \
+            tvars["params"]["classifier"][k].unsafe_buffer_pointer()
     assert all("head_simkd/classifier" not in p for p, _, _ in history)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))

@@ -190,7 +190,9 @@ def _simkd_from_teacher(head_params, teacher_variables):
         raise ValueError("SimKD reuses the teacher's classifier: the teacher needs a "
                          "'classifier' layer taking its last stage's channels, with the "
                          "student's classes.")
-    return {**head_params, "classifier": jax.tree.map(jnp.asarray, dict(source))}
+    # A copy: the student's state is donated to its step, the teacher's variables are not.
+    return {**head_params, "classifier": jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                                      dict(source))}
 
 
 def _simkd(x: TermInputs):
