@@ -13,9 +13,10 @@ ratio holds when the machine's speed drifts. Batches are synthetic (random uint8
 
 ``--method-costs`` times the distillation step of every preset in
 ``kd_jax.objectives.METHODS`` (``none``: the labels-only step, the floor) in alternating blocks
-with the KD step of the same models, and reports each as ms/step and as a multiple of KD (the
-median over blocks of the paired ratio); a preset that fails to build or run is listed with its
-error instead of stopping the run.
+with the KD step of the same models, and reports each as ms/step, as a multiple of KD (the
+median over blocks of the paired ratio) and with its compile time. Each preset runs in its own
+process, its KD step beside it, under ``--method-timeout`` seconds: a preset that fails to
+build, crashes or runs past the limit is listed with what happened instead of stopping the run.
 
 Prints a table and, as its last line, one JSON object.
 """
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -42,7 +45,6 @@ CIFAR10_TRAIN = 50_000  # CIFAR-10 and CIFAR-100 alike
 
 
 def parse_args(argv=None):
-    on_accelerator = jax.devices()[0].platform != "cpu"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default="resnet56")
@@ -50,8 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks (the median is kept)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   default="bfloat16" if on_accelerator else "float32",
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--method", default="kd", choices=sorted(objectives.METHODS))
     p.add_argument("--num-classes", type=int, default=10,
@@ -64,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--costs-out", default=None,
                    help="with --method-costs: write the table to PATH.md and the JSON to "
                         "PATH.json")
+    p.add_argument("--method-timeout", type=float, default=900.0,
+                   help="with --method-costs: seconds one preset's process may take (its KD "
+                        "step's and its own compilation and timing); past it the preset is "
+                        "listed as timed out")
+    p.add_argument("--one-method", default=None, help=argparse.SUPPRESS)  # a child process
     p.add_argument("--students", type=int, default=1,
                    help="K students distilled in one step (student images/s = K x batch / time)")
     p.add_argument("--students-impl", choices=["loop", "vmap"], default="loop",
@@ -81,7 +87,11 @@ def parse_args(argv=None):
     p.add_argument("--sweep", default=None,
                    help="comma list of K (e.g. 1,2,4,8): time a K-student pass for each K "
                         "against K separate single-student steps, with compile times")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # The --method-costs parent leaves the accelerator to its children (it never touches jax).
+    if args.dtype is None and not (args.method_costs and args.one_method is None):
+        args.dtype = "bfloat16" if jax.devices()[0].platform != "cpu" else "float32"
+    return args
 
 
 def _timed(step, carry, steps):
@@ -278,54 +288,117 @@ def sweep(bench, ks, out):
     print(json.dumps(out))
 
 
-def method_costs(bench, out):
-    """Every preset's step against the KD step of the same models, in alternating blocks."""
+def method_cost(bench, name):
+    """One preset's step against the KD step of the same models, in alternating blocks.
+    Prints a JSON progress line after each phase (the parent reads them if it stops us)."""
     args = bench.args
+    row = {"method": name, "device_kind": jax.devices()[0].device_kind,
+           "devices": jax.device_count(), "dtype": args.dtype}
+    kd_step, kd_carry, kd_compile_s = bench.library_distill(1, "loop", objectives.METHODS["kd"])
+    row["kd_compile_s"] = kd_compile_s
+    print(json.dumps({"phase": "kd compiled", **row}), flush=True)
+    try:
+        objective = objectives.METHODS[name]
+        if objective.needs_teacher or objective.optimizer != "default":
+            step, carry, compile_s = bench.library_distill(1, "loop", objective)
+        else:  # as the experiment: a labels-only objective takes the supervised step
+            start = time.perf_counter()
+            step, carry = bench.library_train()
+            compile_s = time.perf_counter() - start  # includes building the states
+        row["compile_s"] = compile_s
+        print(json.dumps({"phase": "compiled", **row}), flush=True)
+    except Exception as err:  # a preset that cannot be built here is reported, not fatal
+        row["error"] = f"not built: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return row
+    try:
+        carry, _ = _timed(step, carry, 2)
+        kd_carry, _ = _timed(kd_step, kd_carry, 2)
+        print(json.dumps({"phase": "warmed up", **row}), flush=True)
+        times, kd_times = [], []
+        for _ in range(args.repeats):
+            carry, t = _timed(step, carry, args.steps)
+            kd_carry, t_kd = _timed(kd_step, kd_carry, args.steps)
+            times.append(t)
+            kd_times.append(t_kd)
+    except Exception as err:
+        row["error"] = f"failed to run: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        return row
+    row.update(step_ms=1e3 * statistics.median(times),
+               kd_step_ms=1e3 * statistics.median(kd_times),
+               times_kd=statistics.median(t / k for t, k in zip(times, kd_times)),
+               kd_step_ms_min_max=[1e3 * min(kd_times), 1e3 * max(kd_times)])
+    return row
+
+
+def _run_child(argv, name, timeout):
+    """Runs ``method_cost`` for ``name`` in a fresh process; its row, or one that says why
+    there is none (the process timed out, crashed or printed no row)."""
+    script = os.path.abspath(__file__)
+    command = [sys.executable, script, *argv, "--one-method", name]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and nothing else
+        stdout, stderr = proc.communicate()
+        timed_out = True
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    rows = [r for r in lines if r.get("method") == name and "phase" not in r]
+    if rows and not timed_out:
+        return {**rows[-1], "process_s": time.perf_counter() - start}
+    last = lines[-1] if lines else {"method": name}
+    row = {k: v for k, v in last.items() if k != "phase"}
+    reached = last.get("phase", "started")
+    if timed_out:
+        row["error"] = f"timed out after {timeout:.0f} s (last phase reached: {reached})"
+    else:
+        tail = [line for line in stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        row["error"] = (f"process exited with code {proc.returncode} (last phase reached: "
+                        f"{reached}): {tail[0][:200]}")
+    row["process_s"] = time.perf_counter() - start
+    return row
+
+
+def method_costs(args, argv):
+    """Every preset's ``method_cost``, each in its own process under ``--method-timeout``."""
     names = (args.methods.split(",") if args.methods else list(objectives.METHODS))
-    kd_step, kd_carry, _ = bench.library_distill(1, "loop", objectives.METHODS["kd"])
-    kd_carry, _ = _timed(kd_step, kd_carry, 2)
     rows = []
     for name in names:
-        row = {"method": name}
-        try:
-            objective = objectives.METHODS[name]
-            if objective.needs_teacher or objective.optimizer != "default":
-                step, carry, compile_s = bench.library_distill(1, "loop", objective)
-            else:  # as the experiment: a labels-only objective takes the supervised step
-                (step, carry), compile_s = bench.library_train(), None
-            carry, _ = _timed(step, carry, 2)
-            times, kd_times = [], []
-            for _ in range(args.repeats):
-                carry, t = _timed(step, carry, args.steps)
-                kd_carry, t_kd = _timed(kd_step, kd_carry, args.steps)
-                times.append(t)
-                kd_times.append(t_kd)
-            del carry
-            row.update(step_ms=1e3 * statistics.median(times),
-                       kd_step_ms=1e3 * statistics.median(kd_times),
-                       times_kd=statistics.median(t / k for t, k in zip(times, kd_times)),
-                       compile_s=compile_s)
-        except Exception as err:  # a preset that cannot be built here is reported, not fatal
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        row = _run_child(argv, name, args.method_timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    device = jax.devices()[0]
-    title = (f"{device.device_kind} x {jax.device_count()}, {args.dtype}, batch "
-             f"{args.batch_size}, {args.teacher} -> {args.student}, {args.num_classes} classes, "
-             f"memory bank N = {CIFAR10_TRAIN:,}; {args.repeats} paired blocks of {args.steps} "
-             "steps")
-    lines = [f"Method costs ({title})", "", "| method | ms/step | KD ms/step (same blocks) "
-             "| × KD |", "|---|---|---|---|"]
+    info = next((r for r in rows if "device_kind" in r), {})
+    title = (f"{info.get('device_kind', '?')} x {info.get('devices', '?')}, "
+             f"{info.get('dtype', args.dtype or '?')}, batch {args.batch_size}, "
+             f"{args.teacher} -> {args.student}, {args.num_classes} classes, memory bank N = "
+             f"{CIFAR10_TRAIN:,}; {args.repeats} paired blocks of {args.steps} steps, each "
+             f"method in its own process (limit {args.method_timeout:.0f} s)")
+    command = "python benchmarks/throughput.py " + " ".join(argv)
+    lines = [f"Method costs ({title})", "", f"    {command}", "", "| method | ms/step | KD ms/step (same blocks) "
+             "| × KD | compile s (method / KD) |", "|---|---|---|---|---|"]
+
+    def seconds(r, key):
+        return f"{r[key]:.1f}" if r.get(key) is not None else "–"
+
     for r in rows:
+        compile_s = f"{seconds(r, 'compile_s')} / {seconds(r, 'kd_compile_s')}"
         if "error" in r:
-            lines.append(f"| {r['method']} | not built: {r['error']} | | |")
+            lines.append(f"| {r['method']} | {r['error']} | | | {compile_s} |")
         else:
             lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {r['kd_step_ms']:.1f} | "
-                         f"{r['times_kd']:.2f} |")
+                         f"{r['times_kd']:.2f} | {compile_s} |")
     table = "\n".join(lines)
     print(table)
-    out.update(num_classes=args.num_classes, num_examples=CIFAR10_TRAIN, steps=args.steps,
-               repeats=args.repeats, method_costs=rows)
+    out = {"device_kind": info.get("device_kind"), "devices": info.get("devices"),
+           "teacher": args.teacher, "student": args.student, "batch_size": args.batch_size,
+           "dtype": info.get("dtype", args.dtype), "num_classes": args.num_classes,
+           "num_examples": CIFAR10_TRAIN, "steps": args.steps, "repeats": args.repeats,
+           "method_timeout_s": args.method_timeout,
+           "command": command,
+           "method_costs": rows}
     if args.costs_out:
         with open(args.costs_out + ".md", "w") as f:
             f.write(table + "\n")
@@ -335,8 +408,15 @@ def method_costs(bench, out):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.method_costs and args.one_method is None:
+        method_costs(args, argv)
+        return
     bench = Bench(args)
+    if args.one_method is not None:
+        print(json.dumps(method_cost(bench, args.one_method)), flush=True)
+        return
     k, b = args.students, args.batch_size
     device = jax.devices()[0]
     rows = []
@@ -347,9 +427,6 @@ def main(argv=None):
 
     if args.sweep:
         sweep(bench, [int(x) for x in args.sweep.split(",")], out)
-        return
-    if args.method_costs:
-        method_costs(bench, out)
         return
     step_fn, states, compile_s = bench.library_distill(k, args.students_impl)
     if args.no_baseline:

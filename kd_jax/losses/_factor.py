@@ -152,17 +152,18 @@ def _top_eigh_jvp(n, primals, tangents):
     return (w, v), (dw, dv)
 
 
-def _leading_right_singular(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """For each example's map as the ``[HW, C]`` matrix :math:`X`: the ``n`` largest singular
-    values ``[B, n]`` and right singular vectors ``[B, C, n]`` (from :math:`X^\\top X`)."""
+def _gram(x: jax.Array) -> tuple[jax.Array, int]:
+    """Each example's map as the ``[HW, C]`` matrix :math:`X`: :math:`X^\\top X`
+    ``[B, C, C]`` and the rank bound ``min(HW, C)``."""
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     # Full float32 products: the singular vectors inherit the Gram matrix's rounding.
     gram = jnp.einsum("bkc,bkd->bcd", rows, rows, precision=jax.lax.Precision.HIGHEST)
-    # At most min(HW, C) pairs, as a thin SVD has: beyond the rank they are arbitrary.
-    w, v = _top_eigh(gram, min(n, *rows.shape[1:]))
+    return gram, min(rows.shape[1:])
+
+
+def _singular_values(w: jax.Array) -> jax.Array:
     w = jnp.maximum(w, 0.0)
-    s = jnp.where(w > 0, jnp.sqrt(jnp.where(w > 0, w, 1.0)), 0.0)
-    return s, v
+    return jnp.where(w > 0, jnp.sqrt(jnp.where(w > 0, w, 1.0)), 0.0)
 
 
 def kdsvd_loss(
@@ -219,13 +220,27 @@ def kdsvd_loss(
     """
     k = _check_count("k", k)
     pairs = _validated_maps(student_features, teacher_features, minimum=2)
-    total, previous = 0.0, None
+    total, previous, after = 0.0, None, None
     for s, t in pairs:
-        sigma_t, v_t = _leading_right_singular(t, k)
+        (gram_t, rank_t), (gram_s, rank_s) = _gram(t), _gram(s)
+        # At most min(HW, C) pairs, as a thin SVD has: beyond the rank they are arbitrary.
+        n_t, n_s = min(k, rank_t), min(k + 3, rank_s)
+        # One eigh for the teacher's and the student's maps of a stage, each stage's after
+        # the previous one's: jaxlib's CPU eigh (LAPACK over the batch, 0.10.2) blocks a
+        # thread of XLA's pool until the batch is done, and independent calls that XLA runs
+        # at once can hold every thread and wait forever (a KDSVD step that never finished
+        # on a 2-core CPU). The data dependency orders them (a NaN it passes on belongs to a
+        # non-finite map, whose example's loss is NaN anyway).
+        gram = jnp.concatenate([gram_t, gram_s])
+        if after is not None:
+            gram = jnp.where(jnp.isnan(after[:, :1, None]), jnp.nan, gram)
+        w, v = _top_eigh(gram, max(n_t, n_s))
+        after, b = w, t.shape[0]
+        sigma_t, v_t = _singular_values(w[:b, :n_t]), v[:b, :, :n_t]
+        v_s = v[b:, :, :n_s]
         # A canonical sign: each teacher vector with a non-negative entry sum (see above).
         v_t = v_t * jax.lax.stop_gradient(
             jnp.where(jnp.sum(v_t, axis=1, keepdims=True) < 0, -1.0, 1.0))
-        _, v_s = _leading_right_singular(s, k + 3)
         cosine = jnp.einsum("bci,bcj->bij", v_s, v_t)  # [B, k + 3, k]
         best = jnp.max(jnp.abs(cosine), axis=1, keepdims=True)
         # Which student vector and which sign: a selection, no gradient (as in torch).
