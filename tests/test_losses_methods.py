@@ -377,6 +377,21 @@ class SamplingTest(chex.TestCase):
         assert np.all(LABELS[over[:, 1:]] != LABELS[idx][:, None])
         assert all(len(set(row[1:])) == 20 for row in over)
 
+    def test_exclusive_draws_are_lemires_exact_multiply_and_reject(self):
+        # The sampler's uniform draws on [0, limit): the high word of bits * limit, rejected
+        # when the low word is below 2^32 mod limit, against exact 64-bit integer arithmetic.
+        from kd_jax.losses import _crd_sampler
+        key = jax.random.PRNGKey(7)
+        limit = np.array([1, 2, 3, 7, 49_500, 65_536, 1_281_167, 2**31 - 1], np.int32)
+        draws, accepted = (np.asarray(a) for a in _crd_sampler._uniform_below(
+            key, jnp.asarray(limit), 5000))
+        bits = np.asarray(jax.random.bits(key, (len(limit), 5000), jnp.uint32), np.uint64)
+        product = bits * limit.astype(np.uint64)[:, None]
+        np.testing.assert_array_equal(draws, product >> np.uint64(32))
+        cut = (np.uint64(2**32) % limit.astype(np.uint64))[:, None]
+        np.testing.assert_array_equal(accepted, (product & np.uint64(2**32 - 1)) >= cut)
+        assert np.all((draws >= 0) & (draws < limit[:, None]))
+
     def test_too_many_negatives_for_class_exclusive_sampling_raises(self):
         with pytest.raises(ValueError, match="num_negatives.*exceeds the 20 examples"):
             losses.crd_sample_negatives(jax.random.PRNGKey(0), np.array([0]), num_examples=N,
@@ -402,6 +417,27 @@ def test_crd_batch_normalizer_equals_crd_normalizers(x64):
     chex.assert_trees_all_close(jit_nce(*args, temperature=TEMPERATURE),
                                 jit_nce(*args, temperature=TEMPERATURE, normalizers=z),
                                 rtol=1e-12)
+
+
+@pytest.mark.parametrize("given", [(0.0, 0.0), (0.0, 700.0), (300.0, 0.0), (300.0, 700.0)])
+def test_crd_loss_and_normalizers_fixes_the_missing_ones_from_the_batch(x64, given):
+    # A 0 normaliser is this batch's estimate (the reference's), a given one is kept; the
+    # loss and its gradients are crd_nce_loss's with the normalisers so chosen.
+    args = crd_inputs(8)
+    ref = ref_crd_normalizers(*args, TEMPERATURE)
+    want_z = tuple(r if g == 0 else g for g, r in zip(given, ref))
+    fn = jax.jit(losses.crd_nce_loss_and_normalizers, static_argnames=("temperature",))
+    loss, z = fn(*args, temperature=TEMPERATURE, normalizers=given)
+    np.testing.assert_allclose(np.asarray(z), want_z, rtol=1e-12)
+    np.testing.assert_allclose(loss, ref_crd_nce(*args, TEMPERATURE, normalizers=want_z),
+                               rtol=1e-10)
+    grad = lambda f: jax.grad(lambda s, t: jnp.sum(f(s, t)), argnums=(0, 1))(*args[:2])  # noqa
+    chex.assert_trees_all_close(
+        grad(lambda s, t: fn(s, t, *args[2:], temperature=TEMPERATURE, normalizers=given)[0]),
+        grad(lambda s, t: jit_nce(s, t, *args[2:], temperature=TEMPERATURE,
+                                  normalizers=want_z)), rtol=1e-10)
+    with pytest.raises(ValueError, match=r"normalizers\[1\]` must be a finite number >= 0"):
+        losses.crd_nce_loss_and_normalizers(*args, normalizers=(1.0, -1.0))
 
 
 def test_crd_loss_decreases_as_positive_score_increases(x64):

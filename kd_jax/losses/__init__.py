@@ -64,6 +64,7 @@ from kd_jax.losses._temperature import ctkd_loss as ctkd_loss
 from kd_jax.losses._temperature import gradient_reversal as gradient_reversal
 from kd_jax.losses._crd import crd_memory_update as crd_memory_update
 from kd_jax.losses._crd import crd_nce_loss as crd_nce_loss
+from kd_jax.losses._crd import crd_nce_loss_and_normalizers as crd_nce_loss_and_normalizers
 from kd_jax.losses._crd import crd_normalizers as crd_normalizers
 from kd_jax.losses._crd_sampler import crd_sample_negatives as crd_sample_negatives
 
@@ -77,6 +78,7 @@ __all__ = [
     "cc_loss",
     "crd_memory_update",
     "crd_nce_loss",
+    "crd_nce_loss_and_normalizers",
     "crd_normalizers",
     "crd_sample_negatives",
     "ctkd_lambda",

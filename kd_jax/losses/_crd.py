@@ -16,6 +16,7 @@ from kd_jax.losses._checks import (
     _check_index_range,
     _check_positive,
     _check_unit,
+    _concrete_scalar,
     _int_array,
     _l2_normalize,
     _validated,
@@ -209,21 +210,67 @@ def crd_nce_loss(
                 f"`normalizers` must be a pair (Z_s, Z_t), got {len(normalizers)} values.")
         for i, z in enumerate(normalizers):
             _check_positive(f"normalizers[{i}]", z)
+    loss, _ = _crd_nce(student_embedding, teacher_embedding, student_memory, teacher_memory,
+                       sample_idx, temperature, normalizers, method, "batch" if normalizers
+                       is None else "given")
+    return loss
+
+
+def crd_nce_loss_and_normalizers(
+    student_embedding: ArrayLike,
+    teacher_embedding: ArrayLike,
+    student_memory: ArrayLike,
+    teacher_memory: ArrayLike,
+    sample_idx: ArrayLike,
+    *,
+    normalizers: tuple[ArrayLike, ArrayLike] = (0.0, 0.0),
+    temperature: float = 0.07,
+    method: str = "auto",
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    r""":func:`crd_nce_loss` with RepDistiller's fixed normalisers, set at the first call.
+
+    A normaliser that is 0 (not yet set) is replaced by this batch's estimate
+    (:func:`crd_normalizers`); one > 0 is used as given. Returns the per-example loss
+    ``[B]`` and the normalisers used, ``(Z_s, Z_t)``, to pass back at the next step: one
+    call does what ``crd_normalizers`` at the first step and ``crd_nce_loss`` at every step
+    do, scoring the memories once (the estimate comes from the loss's own scores).
+
+    Arguments are those of :func:`crd_nce_loss`, `normalizers` ``(0, 0)`` by default (the
+    first step). Nothing flows back through the normalisers.
+    """
+    if len(normalizers) != 2:
+        raise ValueError(
+            f"`normalizers` must be a pair (Z_s, Z_t), got {len(normalizers)} values.")
+    for i, z in enumerate(normalizers):
+        v = _concrete_scalar(f"normalizers[{i}]", z)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"`normalizers[{i}]` must be a finite number >= 0 (0: estimate "
+                             f"it from this batch), got {v}.")
+    loss, log_z = _crd_nce(student_embedding, teacher_embedding, student_memory,
+                           teacher_memory, sample_idx, temperature, normalizers, method,
+                           "first")
+    z = jax.lax.stop_gradient(jnp.exp(log_z))
+    return loss, (z[0], z[1])
+
+
+def _crd_nce(student_embedding, teacher_embedding, student_memory, teacher_memory,
+             sample_idx, temperature, normalizers, method, mode):
+    """``(per-example loss, log normalisers used)``; `mode` is "given", "batch" or "first"."""
     s, t, m_s, m_t, safe, valid, dense = _crd_inputs(
         student_embedding, teacher_embedding, student_memory, teacher_memory, sample_idx,
         temperature, method)
-    if normalizers is None:
-        log_z = None
-    else:
+    if mode == "batch":
+        log_z = jnp.zeros(2, s.dtype)
+    else:  # log 0 = -inf marks a normaliser still to be estimated ("first")
         log_z = jnp.stack([jnp.log(jnp.asarray(z, s.dtype)) for z in normalizers])
-    loss = _nce_with_gradients(dense, log_z is None)(
-        s, t, m_s, m_t, safe, jnp.zeros(2, s.dtype) if log_z is None else log_z,
-        jnp.asarray(temperature, s.dtype))
-    return jnp.where(valid, loss, jnp.nan)
+    loss, log_z = _nce_with_gradients(dense, mode)(
+        s, t, m_s, m_t, safe, log_z, jnp.asarray(temperature, s.dtype))
+    return jnp.where(valid, loss, jnp.nan), log_z
 
 
-def _nce_forward(s, t, m_s, m_t, safe, log_z, temperature, *, dense, batch_z):
-    """Per-example loss and its gradients in ``s``, ``t`` (``[B, D]``) and ``T`` (``[B]``).
+def _nce_forward(s, t, m_s, m_t, safe, log_z, temperature, *, dense, mode):
+    """Per-example loss, the log normalisers used, and the loss's gradients in ``s``, ``t``
+    (``[B, D]``) and ``T`` (``[B]``).
 
     Example ``b``'s loss depends on row ``b`` of the embeddings only (the normalisers are
     constants), so its gradient rows come from one pullback of ones, here in the forward
@@ -234,8 +281,9 @@ def _nce_forward(s, t, m_s, m_t, safe, log_z, temperature, *, dense, batch_z):
     n = m_s.shape[0]
     scores_s, pull_s = jax.vjp(lambda a: _scores(a, m_t, safe, temperature, dense), s)
     scores_t, pull_t = jax.vjp(lambda a: _scores(a, m_s, safe, temperature, dense), t)
-    if batch_z:
-        log_z = jnp.stack([_crd_log_normalizer(scores_s, n), _crd_log_normalizer(scores_t, n)])
+    if mode != "given":
+        estimate = jnp.stack([_crd_log_normalizer(scores_s, n), _crd_log_normalizer(scores_t, n)])
+        log_z = estimate if mode == "batch" else jnp.where(log_z > -jnp.inf, log_z, estimate)
     k = scores_s.shape[1] - 1
     log_noise = math.log(k / n)  # log(K P_n)
     log_c = math.log(k / n + 1e-7)
@@ -246,6 +294,7 @@ def _nce_forward(s, t, m_s, m_t, safe, log_z, temperature, *, dense, batch_z):
         log_d0 = log_noise - jnp.logaddexp(log_p[:, 1:], log_c)
         return -(log_d1 + jnp.sum(log_d0, axis=1))
 
+    log_z = jax.lax.stop_gradient(log_z)
     loss, pull = jax.vjp(lambda a, b: nce(a, log_z[0]) + nce(b, log_z[1]), scores_s, scores_t)
     d_s, d_t = pull(jnp.ones_like(loss))
     (g_s,), (g_t,) = pull_s(d_s), pull_t(d_t)
@@ -253,20 +302,21 @@ def _nce_forward(s, t, m_s, m_t, safe, log_z, temperature, *, dense, batch_z):
     # The loss made to depend on the gradient rows (never true, NaN included), so that a
     # write to the memories ordered after the loss is also after the gradients' reads.
     loss = jnp.where((g_s[:, 0] > jnp.inf) | (g_t[:, 0] > jnp.inf), jnp.nan, loss)
-    return loss, (g_s, g_t, g_temperature / temperature)
+    return (loss, log_z), (g_s, g_t, g_temperature / temperature)
 
 
 @functools.lru_cache(maxsize=None)
-def _nce_with_gradients(dense: bool, batch_z: bool):
-    """The per-example NCE loss as a ``custom_vjp`` of :func:`_nce_forward` (reverse mode)."""
-    forward = functools.partial(_nce_forward, dense=dense, batch_z=batch_z)
+def _nce_with_gradients(dense: bool, mode: str):
+    """``(loss, log_z)`` as a ``custom_vjp`` of :func:`_nce_forward` (reverse mode)."""
+    forward = functools.partial(_nce_forward, dense=dense, mode=mode)
 
     @jax.custom_vjp
     def nce_loss(s, t, m_s, m_t, safe, log_z, temperature):
         return forward(s, t, m_s, m_t, safe, log_z, temperature)[0]
 
-    def backward(grads, cotangent):
+    def backward(grads, cotangents):
         g_s, g_t, g_temperature = grads
+        cotangent = cotangents[0]  # the normalisers used are constants
         # No gradient reaches the memories, the indices or the normalisers.
         return (cotangent[:, None] * g_s, cotangent[:, None] * g_t, None, None, None, None,
                 jnp.sum(cotangent * g_temperature))

@@ -157,16 +157,17 @@ def _distinct_below(key, limit, k, width):
 
     def draw_block(carry, block):
         i, start, first, count, out = carry
-        draws = jax.random.randint(jax.random.fold_in(key, i), (batch, block), 0,
-                                   jnp.maximum(limit, 1)[:, None], dtype=jnp.int32)
+        draws, accepted = _uniform_below(jax.random.fold_in(key, i), limit, block)
         # Computed once: fused into each consumer (the scatters run serially on XLA:CPU), the
         # random bits would be recomputed inside every one of them.
-        draws = jax.lax.optimization_barrier(draws)
+        draws, accepted = jax.lax.optimization_barrier((draws, accepted))
         number = jnp.broadcast_to(start + jnp.arange(block, dtype=jnp.int32), draws.shape)
-        # Flat 1-D scatters: measured faster on XLA:CPU than [B, .] ones.
-        cell = (row * width + draws).reshape(-1)
-        first = first.at[cell].min(number.reshape(-1))
-        new = (first[cell] == number.reshape(-1)).reshape(draws.shape)
+        # Flat 1-D scatters: measured faster on XLA:CPU than [B, .] ones. A rejected draw
+        # goes to cell B * width, which does not exist (dropped), and is never new.
+        cell = jnp.where(accepted, row * width + draws, batch * width).reshape(-1)
+        first = first.at[cell].min(number.reshape(-1), mode="drop")
+        seen = first.at[cell].get(mode="fill", fill_value=-1)
+        new = (seen == number.reshape(-1)).reshape(draws.shape)
         rank = count[:, None] + jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1
         # Slot k of each row does not exist: the draws sent there are dropped.
         slot = row * (k + 1) + jnp.where(new & (rank < k), rank, k)
@@ -183,3 +184,27 @@ def _distinct_below(key, limit, k, width):
     slot = jnp.arange(k, dtype=jnp.int32)[None, :]
     repeat = jnp.take_along_axis(out, slot % jnp.maximum(count, 1)[:, None], axis=1)
     return jnp.where(slot < count[:, None], out, repeat)
+
+
+def _uniform_below(key, limit, size):
+    """``([B, size] int32 draws, [B, size] accepted)``: each accepted draw of row ``b`` is
+    exactly uniform on ``[0, limit[b])`` (``limit`` >= 1), independently of the others.
+
+    Lemire's multiply-and-reject on 32 random bits: the high word of ``bits * limit`` is the
+    draw, rejected when the low word falls below ``2^32 mod limit`` (probability below
+    ``limit / 2^32``, 1e-5 for CIFAR). One word per draw and no division, where
+    ``jax.random.randint`` takes two words and a remainder (measured 4x slower on XLA:CPU).
+    """
+    bits = jax.random.bits(key, (limit.shape[0], size), jnp.uint32)
+    span = jnp.maximum(limit, 1).astype(jnp.uint32)[:, None]
+    high, low = _multiply_32x32(bits, span)
+    return high.astype(jnp.int32), low >= (jnp.uint32(0) - span) % span
+
+
+def _multiply_32x32(a, b):
+    """The 64-bit product of uint32 arrays as ``(high word, low word)``, in uint32 only."""
+    half = jnp.uint32(0xFFFF)
+    a_lo, a_hi, b_lo, b_hi = a & half, a >> 16, b & half, b >> 16
+    p0, p1, p2, p3 = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi
+    middle = (p0 >> 16) + (p1 & half) + (p2 & half)  # < 3 * 2^16
+    return p3 + (p1 >> 16) + (p2 >> 16) + (middle >> 16), ((middle & half) << 16) | (p0 & half)

@@ -131,13 +131,12 @@ def _crd(x: TermInputs, *, dim, num_negatives, temperature, momentum, sampler):
     idx = losses.crd_sample_negatives(
         x.key, x.index, num_examples=n, num_negatives=st["negatives"].shape[0], **exclusive)
     s, t = x.head["student"], x.head["teacher"]
-    # RepDistiller fixes each partition function at its first batch's estimate (0: not yet).
-    estimate = jnp.stack(losses.crd_normalizers(s, t, st["memory_student"],
-                                                st["memory_teacher"], idx,
-                                                temperature=temperature))
-    z = jnp.where(st["z"] > 0, st["z"], estimate)
-    per_example = losses.crd_nce_loss(s, t, st["memory_student"], st["memory_teacher"], idx,
-                                      temperature=temperature, normalizers=(z[0], z[1]))
+    # RepDistiller fixes each partition function at its first batch's estimate (0: not yet),
+    # here taken from the loss's own scores.
+    per_example, z = losses.crd_nce_loss_and_normalizers(
+        s, t, st["memory_student"], st["memory_teacher"], idx, temperature=temperature,
+        normalizers=(st["z"][0], st["z"][1]))
+    z = jnp.stack(z)
     # After the loss, the memories take the batch's embeddings (momentum, renormalised). The
     # rows written depend on the loss (never true: NaN > inf is false too), so XLA orders the
     # write after every read of the banks and updates them in place; without it XLA:CPU
