@@ -118,7 +118,9 @@ def crd_normalizers(
     with :math:`j = ` `sample_idx` and the means over all :math:`B (K + 1)` entries.
     RepDistiller computes these once, on the first batch, and keeps them fixed; do the
     same by calling this at the first step and passing the result as ``normalizers`` to
-    :func:`crd_nce_loss`. Arguments (``method`` included) are those of :func:`crd_nce_loss`.
+    :func:`crd_nce_loss`, or in one call with :func:`crd_nce_loss_and_normalizers` (which
+    takes the estimate from the loss's own scores). Arguments (``method`` included) are those
+    of :func:`crd_nce_loss`.
 
     Returns:
       ``(Z_s, Z_t)``, two scalars (no gradient flows through them).
