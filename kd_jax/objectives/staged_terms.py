@@ -175,8 +175,9 @@ class SimKDHead(nn.Module):
         c = t.shape[-1]
         x = s
         for i, (width, size) in enumerate(((c // 2, 1), (c // 2, 3), (c, 1))):
+            # PyTorch's default Conv2d init, as the authors' projector has (no init of its own).
             x = nn.Conv(width, (size, size), padding="SAME", use_bias=False,
-                        kernel_init=nn.initializers.he_normal(), name=f"conv{i}")(x)
+                        kernel_init=_torch_default, name=f"conv{i}")(x)
             x = nn.relu(_batch_norm(train, f"bn{i}")(x))
         logits = nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
         return {"feature": x, "logits": logits}
