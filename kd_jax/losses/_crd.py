@@ -237,8 +237,14 @@ def crd_nce_loss_and_normalizers(
     call does what ``crd_normalizers`` at the first step and ``crd_nce_loss`` at every step
     do, scoring the memories once (the estimate comes from the loss's own scores).
 
-    Arguments are those of :func:`crd_nce_loss`, `normalizers` ``(0, 0)`` by default (the
-    first step). Nothing flows back through the normalisers.
+    The loss is :func:`crd_nce_loss`'s formula (per example, shape ``[B]``) with
+    :math:`Z = N \cdot \mathrm{mean}_{b,k} \exp(\cdot / T)` wherever the given :math:`Z`
+    is 0. Arguments are those of :func:`crd_nce_loss`, `normalizers` ``(0, 0)`` by default
+    (the first step). Nothing flows back through the normalisers.
+
+    References:
+      Tian et al., `Contrastive Representation Distillation
+      <https://arxiv.org/abs/1910.10699>`_, ICLR 2020
     """
     if len(normalizers) != 2:
         raise ValueError(
