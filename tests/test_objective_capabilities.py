@@ -354,12 +354,11 @@ from tiny import TinyNet, toy_data
 assert len(jax.devices()) == 4
 teacher = models.create("resnet8", 10)
 tvars = teacher.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-# Issue 24's methods but KD-SVD; a 2-epoch run of 4 steps each: the first stages (AB, FT,
-# FSP) take one step. Students of width 16 have resnet8's stem, stage1 and stage2 widths (FSP).
-# KD-SVD is left out: on a forced multi-device CPU, jaxlib 0.10.2's batched LAPACK eigh
-# deadlocks the devices' threads (seen here; the README says so).
+# Issue 24's nine methods; a 2-epoch run of 4 steps each: the first stages (AB, FT, FSP)
+# take one step. Students of width 16 have resnet8's stem, stage1 and stage2 widths (FSP,
+# KD-SVD).
 objs = tuple(objectives.resolve(m, epochs=2) for m in
-             ("dot", "ofd", "ab", "ft", "fsp", "simkd", "mlkd", "ctkd"))
+             ("dot", "ofd", "ab", "ft", "fsp", "kdsvd", "simkd", "mlkd", "ctkd"))
 config = train.OptimConfig(lr=0.02, lr_batch_size=16)
 images, labels = toy_data(64)
 out = []

@@ -126,11 +126,24 @@ def fsp_loss(
     return _nan_where_not_finite(total, pairs)
 
 
+def _eigh_each(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.eigh`` of each ``[C, C]`` matrix of ``gram`` ``[N, C, C]``, one at a time.
+
+    jaxlib's CPU eigh of a batch (LAPACK, 0.10.2) splits the batch over XLA's thread pool and
+    blocks a pool thread while it waits for the parts; on a CPU running several devices'
+    programs at once (``--xla_force_host_platform_device_count``) every thread could end up
+    waiting and the step never finished. One matrix per call has nothing to wait for, and
+    costs about the same (KDSVD's value and gradient, 3 stages, batch 64, 2-core CPU: 123-126
+    ms against 114-132 ms batched).
+    """
+    return jax.lax.map(jnp.linalg.eigh, gram)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _top_eigh(gram: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """The ``n`` largest eigenvalues ``[..., n]`` and their unit eigenvectors ``[..., C, n]``
-    of symmetric ``gram`` ``[..., C, C]``, largest first."""
-    w, v = jnp.linalg.eigh(gram)
+    """The ``n`` largest eigenvalues ``[N, n]`` and their unit eigenvectors ``[N, C, n]``
+    of symmetric ``gram`` ``[N, C, C]``, largest first."""
+    w, v = _eigh_each(gram)
     return w[..., ::-1][..., :n], v[..., :, ::-1][..., :, :n]
 
 
@@ -141,7 +154,7 @@ def _top_eigh_jvp(n, primals, tangents):
     # elsewhere (a rank-deficient map's zeros) leave the derivative finite, where the full
     # eigh/svd derivatives divide by every pair's gap.
     (gram,), (dgram,) = primals, tangents
-    w_all, v_all = jnp.linalg.eigh(gram)
+    w_all, v_all = _eigh_each(gram)
     w_all, v_all = w_all[..., ::-1], v_all[..., :, ::-1]
     w, v = w_all[..., :n], v_all[..., :, :n]
     coupling = jnp.swapaxes(v_all, -1, -2) @ dgram @ v  # [..., C, n]: v_j^T dM v_i
@@ -222,22 +235,15 @@ def kdsvd_loss(
     """
     k = _check_count("k", k)
     pairs = _validated_maps(student_features, teacher_features, minimum=2)
-    total, previous, after = 0.0, None, None
+    total, previous = 0.0, None
     for s, t in pairs:
         (gram_t, rank_t), (gram_s, rank_s) = _gram(t), _gram(s)
         # At most min(HW, C) pairs, as a thin SVD has: beyond the rank they are arbitrary.
         n_t, n_s = min(k, rank_t), min(k + 3, rank_s)
-        # One eigh for the teacher's and the student's maps of a stage, each stage's after
-        # the previous one's: jaxlib's CPU eigh (LAPACK over the batch, 0.10.2) blocks a
-        # thread of XLA's pool until the batch is done, and independent calls that XLA runs
-        # at once can hold every thread and wait forever (a KDSVD step that never finished
-        # on a 2-core CPU). The data dependency orders them (a NaN it passes on belongs to a
-        # non-finite map, whose example's loss is NaN anyway).
+        # The teacher's and the student's matrices of a stage in one eigh loop.
         gram = jnp.concatenate([gram_t, gram_s])
-        if after is not None:
-            gram = jnp.where(jnp.isnan(after[:, :1, None]), jnp.nan, gram)
         w, v = _top_eigh(gram, max(n_t, n_s))
-        after, b = w, t.shape[0]
+        b = t.shape[0]
         sigma_t, v_t = _singular_values(w[:b, :n_t]), v[:b, :, :n_t]
         v_s = v[b:, :, :n_s]
         # A canonical sign: each teacher vector with a non-negative entry sum (see above).

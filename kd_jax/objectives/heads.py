@@ -9,6 +9,7 @@ resume with it, and :func:`backbone_variables` drops them again for prediction a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,8 +26,11 @@ from kd_jax.objectives.terms import Objective
 # ------------------------------------------------------------------ feature helpers
 
 def _stage_keys(student_features, teacher_features):
-    return [k for k in sorted(student_features)
-            if k.startswith("stage") and k in teacher_features]
+    """The ``stage<N>`` maps both networks return, shallow to deep (numeric order: stage10
+    after stage9)."""
+    keys = [k for k in student_features
+            if re.fullmatch(r"stage\d+", k) and k in teacher_features]
+    return sorted(keys, key=lambda k: int(k[len("stage"):]))
 
 
 def _pool_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
