@@ -177,3 +177,36 @@ def test_loop_averages_each_term_over_the_steps_it_ran_in():
     assert means == [{"ab": 3.0, "ce": 1.0}] and ran == [{"ab": 2, "ce": 1}]
     means, _ = loop._interval_terms(fetched[:2], 1)
     assert means == [{"ab": 3.0}]  # a term that ran in none of the steps is left out
+
+
+@pytest.mark.parametrize("student_hw,teacher_hw,kernel", [
+    (8, 8, (1, 1, 4, 6)),      # equal sizes: 1x1
+    (16, 8, (3, 3, 4, 6)),     # twice the teacher's: 3x3, stride 2
+    (8, 16, (4, 4, 4, 6)),     # half the teacher's: 4x4 transposed, stride 2
+    (10, 8, (3, 3, 4, 6)),     # larger: valid (1 + 10 - 8) x (1 + 10 - 8)
+])
+def test_ab_connectors_map_every_size_repdistillers_convreg_maps(student_hw, teacher_hw,
+                                                                 kernel):
+    from kd_jax.objectives.staged_terms import ABConnectors
+    rng = np.random.default_rng(0)
+    s = {"stage1": jnp.asarray(rng.normal(size=(2, student_hw, student_hw, 4)), jnp.float32)}
+    t = {"stage1": jnp.zeros((2, teacher_hw, teacher_hw, 6))}
+    variables = ABConnectors().init(jax.random.PRNGKey(0), s, t, True)
+    assert variables["params"]["stage1_conv"]["kernel"].shape == kernel
+    out, _ = ABConnectors().apply(variables, s, t, True, mutable=["batch_stats"])
+    assert out["stage1"].shape == t["stage1"].shape
+    # BatchNorm in train mode: each output channel has batch mean 0 and variance ~1.
+    np.testing.assert_allclose(np.mean(out["stage1"], axis=(0, 1, 2)), 0.0, atol=1e-5)
+    assert np.all(np.std(out["stage1"], axis=(0, 1, 2)) > 0.9)
+
+
+def test_ab_connectors_keep_an_equal_map_and_refuse_a_size_they_cannot_map():
+    from kd_jax.objectives.staged_terms import ABConnectors
+    same = {"stage1": jnp.ones((2, 8, 8, 6))}
+    variables = ABConnectors().init(jax.random.PRNGKey(0), same, same, False)
+    assert "params" not in variables
+    np.testing.assert_array_equal(ABConnectors().apply(variables, same, same, False)["stage1"],
+                                  same["stage1"])
+    with pytest.raises(ValueError, match="no connector"):
+        ABConnectors().init(jax.random.PRNGKey(0), {"stage1": jnp.ones((2, 5, 5, 4))},
+                            {"stage1": jnp.ones((2, 8, 8, 6))}, False)

@@ -288,6 +288,9 @@ def factor_transfer_loss(
     variant instead (its CIFAR-100 benchmark uses :math:`q = 2`): each factor is first
     reduced to the spatial map :math:`\frac{1}{C} \sum_c |F_{hwc}|^q` (an attention map, as
     :func:`attention_transfer_loss`) and :math:`D = HW`; factors may then differ in channels.
+    RepDistiller raises :math:`F` itself to the power :math:`q` (``f.pow(p1)``): the same for
+    an even :math:`q` such as its 2, signed for an odd one, and NaN for a fractional one on
+    negative entries; the absolute value here makes every :math:`q > 0` a magnitude.
     RepDistiller's CIFAR-100 setting: the paraphraser (factor rate 0.5) is trained for
     ``init_epochs`` = 30 epochs to reconstruct the teacher's last stage map (MSE, lr 0.01 for
     the ResNets and WRNs), then frozen; the student trains with the cross-entropy

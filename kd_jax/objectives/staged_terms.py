@@ -37,9 +37,12 @@ def _leaky(x):
 # ------------------------------------------------------------------ AB (first stage)
 
 class ABConnectors(nn.Module):
-    """AB's connector per stage (RepDistiller's ``Connector``): nothing where the student's
-    pre-ReLU map has the teacher's shape, else a convolution (1×1 for equal sizes, 3×3 with
-    stride 2 and padding 1 for a map twice the teacher's) and BatchNorm, no ReLU."""
+    """AB's connector per stage (RepDistiller's ``Connector`` of ``ConvReg`` without ReLU):
+    nothing where the student's pre-ReLU map has the teacher's shape, else a convolution and
+    BatchNorm: 3×3 with stride 2 and padding 1 for a map twice the teacher's size, a 4×4
+    transposed convolution with stride 2 and padding 1 for one half its size, and a valid
+    ``(1 + H_s - H_t) × (1 + W_s - W_t)`` convolution for one at least as large (1×1 for
+    equal sizes). PyTorch's default initialisation."""
 
     @nn.compact
     def __call__(self, student_features, teacher_features, train: bool = False):
@@ -49,15 +52,28 @@ class ABConnectors(nn.Module):
             if s.shape[1:] == t.shape[1:]:
                 out[k] = s
                 continue
-            if s.shape[1:3] == t.shape[1:3]:
-                conv = nn.Conv(t.shape[-1], (1, 1), kernel_init=_torch_default, name=f"{k}_conv")
-            elif s.shape[1] == 2 * t.shape[1]:
-                conv = nn.Conv(t.shape[-1], (3, 3), strides=2, padding=((1, 1), (1, 1)),
-                               kernel_init=_torch_default, name=f"{k}_conv")
+            (sh, sw), (th, tw) = s.shape[1:3], t.shape[1:3]
+            if sh == 2 * th:
+                y = nn.Conv(t.shape[-1], (3, 3), strides=2, padding=((1, 1), (1, 1)),
+                            kernel_init=_torch_default, name=f"{k}_conv")(s)
+            elif 2 * sh == th:
+                # PyTorch's ConvTranspose2d(4, stride 2, padding 1): 4 - 1 - 1 = 2 on each side
+                # of the dilated input; its default init's fan is the output channels' (×16).
+                y = nn.ConvTranspose(t.shape[-1], (4, 4), strides=(2, 2),
+                                     padding=((2, 2), (2, 2)), name=f"{k}_conv",
+                                     kernel_init=nn.initializers.variance_scaling(
+                                         1 / 3, "fan_out", "uniform"))(s)
+            elif sh >= th and sw >= tw:
+                y = nn.Conv(t.shape[-1], (1 + sh - th, 1 + sw - tw), padding="VALID",
+                            kernel_init=_torch_default, name=f"{k}_conv")(s)
             else:
-                raise ValueError(f"AB at {k}: no connector from the student's {s.shape[1:3]} "
-                                 f"map to the teacher's {t.shape[1:3]}.")
-            out[k] = _batch_norm(train, f"{k}_bn")(conv(s))
+                raise ValueError(f"AB at {k}: no connector from the student's {(sh, sw)} map "
+                                 f"to the teacher's {(th, tw)} (as RepDistiller's ConvReg: a "
+                                 "map twice, half or at least the teacher's size).")
+            if y.shape[1:3] != t.shape[1:3]:
+                raise ValueError(f"AB at {k}: the connector maps the student's {(sh, sw)} map "
+                                 f"to {y.shape[1:3]}, not the teacher's {(th, tw)}.")
+            out[k] = _batch_norm(train, f"{k}_bn")(y)
         return out
 
 
