@@ -148,7 +148,7 @@ def make_evaluator(mesh: Mesh, *, images: np.ndarray | None = None,
 def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs: int,
         evaluate: Callable, names: Sequence[str], phase: str,
         checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
-        lr_fn: Callable[[int], float] | None = None, log_every: int = 50,
+        lr_fn: Callable[[int], float | Sequence[float]] | None = None, log_every: int = 50,
         writers: Sequence[Any] = (), hooks: Sequence[Callable[[dict], None]] = (),
         context: dict[str, Any] | None = None, progress: bool = True,
         meta: dict[str, Any] | None = None) -> FitResult:
@@ -159,7 +159,8 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
     logged as each record's ``"terms"``); ``loader.epoch(e, start_step)`` yields the batches of epoch ``e``;
     ``evaluate(states)`` returns one ``{"test_accuracy", ...}`` per state. With a
     ``checkpointer`` the run resumes from its newest readable checkpoint and skips when
-    already finished.
+    already finished. ``lr_fn(step)`` gives the learning rate each record reports: one for
+    all students, or a sequence of K (students whose schedules differ, e.g. a first stage's).
 
     Every log interval and every epoch, each student's record (see :mod:`kd_jax.writers`;
     ``context`` is merged into it, e.g. ``{"run": ...}``) goes to every writer of ``writers``
@@ -220,11 +221,13 @@ def fit(states: Sequence[train.TrainState], step_fn: Callable, *, loader, epochs
                 now = time.perf_counter()
                 rate = (step - interval_start) * loader.batch_size / max(now - t_interval, 1e-9)
                 t_interval, interval_start, pending = now, step, []
-                lr = float(lr_fn(step - 1)) if lr_fn is not None else None
+                lr = lr_fn(step - 1) if lr_fn is not None else None
+                lrs = ([float(x) for x in lr] if isinstance(lr, (list, tuple))
+                       else [None if lr is None else float(lr)] * k)
                 for i, name in enumerate(names):
                     log({"kind": "step", "phase": phase, "student": name, "epoch": epoch + 1,
                          "step": step, "loss": float(losses[:, i].mean()),
-                         "accuracy": float(accs[:, i].mean()), "lr": lr,
+                         "accuracy": float(accs[:, i].mean()), "lr": lrs[i],
                          "images_per_s": rate, **({"terms": terms[i]} if terms[i] else {})})
                 # Each student's own loss: their objectives differ, a mean would mix them.
                 # With more than one term, its parts follow in brackets.

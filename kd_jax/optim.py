@@ -95,6 +95,27 @@ def make_schedule(config: OptimConfig, *, batch_size: int, steps_per_epoch: int,
         [optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
+def _stage_peak(config: OptimConfig, batch_size: int, stage) -> float:
+    return learning_rate(config, batch_size) * stage.lr_factor
+
+
+def objective_schedule(config: OptimConfig, *, batch_size: int, steps_per_epoch: int,
+                       epochs: int, objective=None) -> optax.Schedule:
+    """The learning rate a student of ``objective`` trains with at each step, as
+    :func:`make_optimizer` applies it: :func:`make_schedule` for most; for an objective with
+    a first stage, the stage's constant rate (``lr_factor`` × the peak) for its steps, then
+    the schedule over the remaining ones."""
+    stage = getattr(objective, "stage", None)
+    if stage is None:
+        return make_schedule(config, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                             epochs=epochs)
+    skip = stage.steps(steps_per_epoch)
+    main = make_schedule(config, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                         epochs=epochs, skip_steps=skip)
+    peak = _stage_peak(config, batch_size, stage)
+    return lambda step: jnp.where(step < skip, peak, main(jnp.maximum(step - skip, 0)))
+
+
 def _base(config: OptimConfig, schedule) -> optax.GradientTransformation:
     if config.optimizer == "sgd":
         return optax.chain(
@@ -137,7 +158,7 @@ def make_optimizer(config: OptimConfig, *, batch_size: int, steps_per_epoch: int
         tx = only(tx, objective.frozen, exclude=True)
     if objective.stage is not None:
         stage = objective.stage
-        peak = learning_rate(config, batch_size) * stage.lr_factor
+        peak = _stage_peak(config, batch_size, stage)
         stage_tx = only(_base(config, optax.constant_schedule(peak)), stage.trains,
                         exclude=False, classifier=False)
         tx = staged(stage_tx, tx, skip)

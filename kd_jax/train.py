@@ -25,7 +25,7 @@ from flax.training import train_state
 
 from kd_jax import data
 from kd_jax.optim import (OptimConfig, in_groups, learning_rate,  # noqa: F401 (re-exported)
-                          make_optimizer, make_schedule)
+                          make_optimizer, make_schedule, objective_schedule)
 from kd_jax.objectives import Objective, cross_entropy, evaluate_objective
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "learning_rate",
     "make_optimizer",
     "make_schedule",
+    "objective_schedule",
     "stack_states",
     "train_step",
     "unstack_states",

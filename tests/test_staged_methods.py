@@ -210,3 +210,36 @@ def test_ab_connectors_keep_an_equal_map_and_refuse_a_size_they_cannot_map():
     with pytest.raises(ValueError, match="no connector"):
         ABConnectors().init(jax.random.PRNGKey(0), {"stage1": jnp.ones((2, 5, 5, 4))},
                             {"stage1": jnp.ones((2, 8, 8, 6))}, False)
+
+
+@pytest.mark.parametrize("method", ["ft", "kd"])
+def test_objective_schedule_is_the_rate_the_optimiser_applies(method):
+    """With plain SGD (no momentum, no decay) and a unit gradient, each update is -lr(step):
+    the rate a record reports (objective_schedule) is the one the student trains with — for
+    FT the stage's 0.2 x the peak on its paraphraser for 3 steps, then the cosine schedule
+    over the remaining 5 steps on the rest. Fails if the stage's factor or its skip is
+    dropped from either."""
+    obj = METHODS[method]
+    if obj.stage is not None:
+        obj = dataclasses.replace(obj, stage=dataclasses.replace(obj.stage, epochs=0.75))
+    config = train.OptimConfig(lr=0.1, lr_batch_size=8, momentum=0.0, weight_decay=0.0,
+                               schedule="cosine")
+    kw = dict(batch_size=8, steps_per_epoch=4, epochs=2, objective=obj)
+    tx, lr = train.make_optimizer(config, **kw), train.objective_schedule(config, **kw)
+    params = {"backbone": {"w": jnp.zeros(())}, "head_ft_paraphraser": {"w": jnp.zeros(())}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    opt_state = tx.init(params)
+    main = train.make_schedule(config, batch_size=8, steps_per_epoch=4, epochs=2,
+                               skip_steps=3 if method == "ft" else 0)
+    for step in range(8):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        applied = max(-float(u["w"]) for u in updates.values())
+        np.testing.assert_allclose(applied, float(lr(step)), rtol=1e-6)
+        if method == "ft" and step < 3:
+            assert float(lr(step)) == pytest.approx(0.02)  # 0.2 x 0.1
+            assert float(updates["backbone"]["w"]) == 0.0
+        elif method == "ft":
+            assert float(lr(step)) == pytest.approx(float(main(step - 3)))
+            assert float(updates["head_ft_paraphraser"]["w"]) == 0.0  # frozen after
+        else:
+            assert float(lr(step)) == pytest.approx(float(main(step)))

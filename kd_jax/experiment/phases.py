@@ -143,11 +143,11 @@ class Session:
 
     def optimizer(self, epochs: int, steps_per_epoch: int, objective=None):
         """The optimiser (the objective's own where it declares one, e.g. DOT) and the
-        learning-rate schedule of a phase of ``epochs`` epochs."""
+        learning-rate schedule it applies over a phase of ``epochs`` epochs."""
         kw = dict(batch_size=self.c.data.batch_size, steps_per_epoch=steps_per_epoch,
-                  epochs=epochs)
-        return (train.make_optimizer(self.c.optim, objective=objective, **kw),
-                train.make_schedule(self.c.optim, **kw))
+                  epochs=epochs, objective=objective)
+        return (train.make_optimizer(self.c.optim, **kw),
+                train.objective_schedule(self.c.optim, **kw))
 
     def loader(self):
         train_x, train_y, _, _ = self.data
@@ -343,7 +343,7 @@ class Session:
         c = self.c
         loader = self.loader()
         objs = [student_objective(m, c) for m, _ in group]
-        _, schedule = self.optimizer(c.schedule.epochs, loader.steps_per_epoch)
+        schedules = []  # each student's (a first stage has its own rate)
         train_labels = self.data[1]
         states, models_ = [], []
         for (method, seed), obj in zip(group, objs):
@@ -366,7 +366,7 @@ class Session:
                 self.say(f"warning: {method}/seed{seed}: {w}")
             # Each student its own optimiser: an objective may declare one (DOT).
             try:
-                tx, _ = self.optimizer(c.schedule.epochs, loader.steps_per_epoch, obj)
+                tx, lr = self.optimizer(c.schedule.epochs, loader.steps_per_epoch, obj)
             except ValueError as err:
                 raise ConfigError(f"--method {method}: {err}") from err
             state = train.create_train_state(model, tx, init_seed=seed, data_seed=c.run.seed,
@@ -378,6 +378,7 @@ class Session:
                 except ValueError as err:
                     raise ConfigError(f"--method {method}: {err}") from err
             states.append(state)
+            schedules.append(lr)
         states = loop.replicate(tuple(states), self.mesh)
         # The supervised step takes one gradient; an objective with its own optimiser (DOT's
         # two gradients) goes through the distillation step.
@@ -393,7 +394,8 @@ class Session:
         else:
             step_fn = loop.make_supervised_step(self.mesh, dataset=c.data.dataset)
         result = self._fit(states, step_fn, loader=loader, epochs=c.schedule.epochs,
-                           names=names, phase=phase, run_dir=pdir, schedule=schedule,
+                           names=names, phase=phase, run_dir=pdir,
+                           schedule=lambda step: [f(step) for f in schedules],
                            meta={"jobs": group}, passes_left=passes_left)
         out = []
         for (method, seed), obj, state, hist, model in zip(group, objs, result.states,
