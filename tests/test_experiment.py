@@ -197,7 +197,7 @@ def test_shipped_teacher_runs_with_no_teacher_phase(fake_cifar, tmp_path):
     workdir = tmp_path / "w"
     argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir", str(workdir),
             "--no-progress", "--teacher-checkpoint", "pretrained:cifar10/resnet20",
-            "--epochs", "1", "--method", "kd"]
+            "--epochs", "1", "--method", "kd", "--train-subset", "240", "--test-subset", "100"]
     assert cifar_kd.main(argv) == 0
     assert not glob.glob(str(workdir / "teacher_resnet*")), "no teacher was trained"
     assert "[teacher" not in (workdir / "log.txt").read_text()
@@ -220,7 +220,7 @@ def test_results_are_keyed_on_teacher_content_not_path(fake_cifar, tmp_path, cap
     checkpoint.save_variables(teacher, loaded.variables, meta)
     argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir",
             str(tmp_path / "w"), "--no-progress", "--teacher-checkpoint", str(teacher),
-            "--epochs", "1", "--method", "kd"]
+            "--epochs", "1", "--method", "kd", "--train-subset", "240", "--test-subset", "100"]
     assert cifar_kd.main(argv) == 0
     capsys.readouterr()
     assert cifar_kd.main(argv) == 0

@@ -102,7 +102,8 @@ def test_full_disk_is_one_line_and_the_run_resumes(fake_cifar, tmp_path, monkeyp
                                                    capsys):
     from kd_jax import checkpoint
     argv = ["--preset", "smoke", "--data-dir", str(fake_cifar), "--workdir",
-            str(tmp_path / "w"), "--no-progress", "--epochs", "1", "--teacher-epochs", "1"]
+            str(tmp_path / "w"), "--no-progress", "--epochs", "1", "--teacher-epochs", "1",
+            "--train-subset", "240", "--test-subset", "100"]
     real_save = checkpoint.Checkpointer.save
 
     def full(self, *a, **kw):
