@@ -113,7 +113,8 @@ def _setup(n=64, batch_size=16, epochs=3, lr=0.02):
 def trained_teacher():
     mesh, loader, tx = _setup(lr=0.05)
     teacher = TinyNet(width=8)
-    state = train.create_train_state(teacher, tx, init_seed=0, data_seed=0)
+    # On the mesh, as the step's outputs are: uncommitted inputs would compile the step twice.
+    state = loop.replicate(train.create_train_state(teacher, tx, init_seed=0, data_seed=0), mesh)
     step = jax.jit(lambda s, b: train.train_step(s, b, dataset="cifar10"))
     losses = []
     for epoch in range(3):
@@ -141,7 +142,9 @@ def _students(methods, teacher, tx, seeds=None, labels=None, **overrides):
                                     seed=seed)
         states.append(train.create_train_state(model, tx, init_seed=seed, data_seed=0,
                                                aux_state=aux))
-    return objs, tuple(states)
+    # Placed on the mesh as a step's outputs are, so that its second call reuses the first's
+    # program (uncommitted inputs would compile it a second time).
+    return objs, loop.replicate(tuple(states), parallel.make_mesh())
 
 
 def test_every_objective_trains_and_its_loss_falls(trained_teacher):
