@@ -96,8 +96,8 @@ def setup():
     config = train.OptimConfig(lr=0.05, lr_batch_size=BATCH)
     kw = dict(batch_size=BATCH, steps_per_epoch=loader.steps_per_epoch, epochs=EPOCHS)
     teacher = TinyNet(width=8)
-    state = train.create_train_state(teacher, train.make_optimizer(config, **kw), init_seed=0,
-                                     data_seed=0)
+    state = loop.replicate(train.create_train_state(  # on the mesh: the step compiles once
+        teacher, train.make_optimizer(config, **kw), init_seed=0, data_seed=0), mesh)
     step = jax.jit(lambda s, b: train.train_step(s, b, dataset="cifar10"))
     for epoch in range(EPOCHS):
         for batch in loader.epoch(epoch):
@@ -117,6 +117,7 @@ def _steps(states, objs, tvars, teacher, loader, n):
         s, tvars, b, objectives=objs, teacher_apply=teacher.apply, dataset="cifar10",
         steps_per_epoch=loader.steps_per_epoch))
     batches = iter(loader.epoch(0))
+    states = loop.replicate(states, parallel.make_mesh())  # as the outputs: one compilation
     for _ in range(n):
         states, metrics = step(states, next(batches))
     return states, metrics

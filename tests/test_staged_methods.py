@@ -55,6 +55,7 @@ def _run(setup, method, steps, *, state=None, stage_steps=1):
         s, tvars, b, objectives=(obj,), teacher_apply=teacher.apply, dataset="cifar10",
         steps_per_epoch=spe))
     history = []
+    state = loop.replicate(state, parallel.make_mesh())  # as the outputs: one compilation
     start = int(state.step)
     batches = [b for e in range(EPOCHS) for b in loader.epoch(e)][start:start + steps]
     for batch in batches:
