@@ -580,7 +580,7 @@ def test_custom_writer_receives_every_scalar_of_metrics_jsonl(api_run):
 
 
 def test_rerunning_the_api_returns_the_stored_results(api_run):
-    from kd_jax.experiment import PRESETS, configure, run
+    from kd_jax.experiment import configure, run
     res, workdir, _ = api_run
     again = run(configure(res.config), str(workdir), progress=False)
     assert again.reused and again.students == res.students

@@ -5,7 +5,6 @@ Library-side promises (non-finite losses, labels, checkpoint digests and fallbac
 in test_losses.py and test_checkpoint.py.
 """
 
-import errno
 import glob
 import json
 import os
